@@ -1,0 +1,226 @@
+"""`aekit`: one command line for the whole kit. Each subcommand parses flags and calls one function.
+
+    aekit train --dataset mnist-sample --model conv --epochs 10 --num-logical-devices 2
+    aekit export --workdir runs/ae --model-base-path models/autoencoder
+    aekit evaluate --model-base-path models/autoencoder --dataset mnist-sample --json
+    aekit serve --port=8500 --rest_api_port=8501 --model_name=autoencoder --model_base_path=$PWD/models/autoencoder
+    aekit client denoise --server localhost:8500 --model autoencoder --input x.npy --output y.npy
+    aekit plot --workdir runs/ae --output-dir figures
+    aekit loadtest --server localhost:8500 --model autoencoder --concurrency 16 --requests 2000
+    aekit demo
+
+Heavy libraries (TensorFlow) are imported inside the subcommand, so `aekit --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+
+class UserError(Exception):
+    """Anything the user can fix: printed as one line, exit status 2."""
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    # default=None everywhere: only flags the user gave override --config and the config defaults.
+    p.add_argument("--config", help="JSON config file (as written to WORKDIR/config.json)")
+    p.add_argument("--dataset", help="mnist-sample | tfds:NAME | npz:PATH | DIR of images | PATH.npy")
+    p.add_argument("--data-dir", help="tensorflow-datasets data_dir")
+    p.add_argument("--download", action="store_true", default=None, help="let tfds download (needs network)")
+    p.add_argument("--model", help="dense | conv")
+    p.add_argument("--latent-dim", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch size")
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--noise-factor", type=float, help="train a denoiser: std of input noise")
+    p.add_argument("--loss", help="bce | mse")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--workdir")
+    p.add_argument("--model-base-path")
+    p.add_argument("--no-export", dest="export", action="store_false", default=None)
+    p.add_argument("--num-logical-devices", type=int, help="split the CPU into N devices (MirroredStrategy)")
+    p.add_argument("--collective", help="multi-worker all-reduce: auto | ring | nccl")
+    p.add_argument("--checkpoint-every-steps", type=int)
+    p.add_argument("--max-examples", type=int, help="keep only the first N training examples")
+    p.add_argument("--smoke", action="store_true", default=None, help="a seconds-long run")
+    p.add_argument("--multiworker-local", type=int, metavar="N",
+                   help="run N local worker processes with MultiWorkerMirroredStrategy")
+    p.add_argument("--indexed-job", action="store_true",
+                   help="build TF_CONFIG from a Kubernetes Indexed Job (JOB_COMPLETION_INDEX)")
+    p.add_argument("--num-workers", type=int, help="with --indexed-job: the Job's completions")
+    p.add_argument("--worker-host-pattern", help="with --indexed-job: e.g. aekit-train-{index}.aekit-train")
+    p.add_argument("--worker-port", type=int, default=2222, help="with --indexed-job: collective port")
+
+
+TRAIN_ONLY_FLAGS = {"config", "multiworker_local", "indexed_job", "num_workers", "worker_host_pattern",
+                    "worker_port", "func"}
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from training.config import TrainConfig
+
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k not in TRAIN_ONLY_FLAGS}
+    if args.config:
+        return TrainConfig.from_file(args.config, **overrides)
+    return TrainConfig(**overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = train_config_from_args(args)
+    if args.multiworker_local:
+        from training import multiworker
+
+        return multiworker.run_local_workers(args.multiworker_local, cfg)
+    if args.indexed_job:
+        from training import multiworker
+
+        multiworker.set_tf_config_from_indexed_job(args.num_workers, args.worker_host_pattern, args.worker_port)
+    from training import jobs
+
+    result = jobs.train_job(cfg)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from training import jobs
+
+    print(f"exported {jobs.export_job(args.workdir, args.model_base_path)}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from training import jobs
+
+    metrics = jobs.evaluate_job(args.model_base_path, args.dataset, args.noise_factor, args.data_dir)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        for key, value in metrics.items():
+            print(f"{key:>18}: {value:.6g}" if isinstance(value, float) else f"{key:>18}: {value}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
+    from serving import main as serving_main
+
+    return serving_main.main(rest)
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from clients import cli
+
+    return cli.run(args)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from clients import plots
+
+    for path in plots.plot_workdir(args.workdir, args.output_dir, args.model_base_path, args.dataset):
+        print(path)
+    return 0
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from clients import loadtest
+
+    report = loadtest.run(loadtest.LoadConfig(**{f.name: getattr(args, f.name)
+                                                 for f in dataclasses.fields(loadtest.LoadConfig)}))
+    print(loadtest.format_table(report))
+    print(json.dumps(report))
+    return 0 if report["errors"] == 0 else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from clients import demo
+
+    demo.run_demo(demo.DemoConfig(output_dir=args.output_dir, smoke=args.smoke, epochs=args.epochs))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aekit", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train an autoencoder and export a version")
+    _add_train_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="export the latest checkpoint of a workdir")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--model-base-path", help="default: the one in WORKDIR/config.json")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="score the latest exported version on a test split")
+    p.add_argument("--model-base-path", required=True)
+    p.add_argument("--dataset", default="mnist-sample")
+    p.add_argument("--data-dir")
+    p.add_argument("--noise-factor", type=float, default=0.0)
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("serve", add_help=False,
+                       help="serve SavedModels with TF Serving's flags (aekit serve --help)")
+    p.set_defaults(func=cmd_serve)
+
+    from clients.cli import add_client_parser  # light: no TensorFlow import
+
+    add_client_parser(sub)
+
+    p = sub.add_parser("plot", help="figures from a workdir (and a model): curves, reconstructions, latents")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--output-dir", default="figures")
+    p.add_argument("--model-base-path", help="also plot reconstructions, latent space and scores")
+    p.add_argument("--dataset", default="mnist-sample")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("loadtest", help="bounded load against a server: throughput and latency")
+    from clients.loadtest import add_loadtest_flags
+
+    add_loadtest_flags(p)
+    p.set_defaults(func=cmd_loadtest)
+
+    p = sub.add_parser("demo", help="train, export, serve, call and plot on the built-in data")
+    p.add_argument("--output-dir", default="demo-output")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--smoke", action="store_true", help="a seconds-long run (tests)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if argv and argv[0] == "serve":  # TF Serving's flags are parsed by the server itself
+        return _guarded(lambda: cmd_serve(None, argv[1:]))
+    args = parser.parse_args(argv)
+    return _guarded(lambda: args.func(args))
+
+
+def _guarded(run) -> int:
+    from training.config import ConfigError
+
+    try:
+        return run()
+    except (UserError, ConfigError, FileNotFoundError) as e:
+        print(f"aekit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("aekit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - typed errors from the libraries are mapped here once
+        name = type(e).__name__
+        if name in {"Preempted"}:
+            print(f"aekit: {e}", file=sys.stderr)
+            return 143
+        if hasattr(e, "exit_code"):  # clients.errors.ClientError and friends
+            print(f"aekit: error: {e}", file=sys.stderr)
+            return e.exit_code
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""aekit training: input pipeline, models, tf.distribute training loop and SavedModel export."""

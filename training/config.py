@@ -1,0 +1,103 @@
+"""One config object per training run.
+
+    aekit train --dataset mnist-sample --model conv --epochs 10 --num-logical-devices 2
+    # -> checkpoints and config.json in runs/ae, a new version under models/autoencoder
+
+Every field has a default that works on a laptop; `--smoke` shrinks any config to seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+MODELS = ("dense", "conv")
+LOSSES = ("bce", "mse")
+COLLECTIVES = ("auto", "ring", "nccl")
+DEFAULT_LATENT_DIM = {"dense": 32, "conv": 128}
+
+
+class ConfigError(ValueError):
+    """A setting the user can fix; the CLI prints it as one line."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    dataset: str = "mnist-sample"  # mnist-sample | tfds:NAME | npz:PATH | a folder of images | PATH.npy
+    data_dir: str | None = None  # tensorflow-datasets data_dir (tfds:NAME only)
+    download: bool = False  # tfds may download; off so a dead network never hangs a run
+    model: str = "conv"  # dense (the seed blog's MLP) | conv (strided Conv2D / Conv2DTranspose)
+    latent_dim: int = 0  # size of the code; 0 = the model's default (dense 32 as in the seed blog, conv 128)
+    epochs: int = 10  # passes over the training split
+    batch_size: int = 64  # GLOBAL batch: split across replicas and workers, same meaning everywhere
+    learning_rate: float = 2e-3  # Adam; conv reaches test MSE < 0.005 in 10 epochs on mnist-sample
+    noise_factor: float = 0.0  # std of Gaussian noise added to inputs; >0 trains a denoiser
+    loss: str = "bce"  # bce (pixels in [0, 1]) | mse
+    seed: int = 42  # weights, shuffling and noise
+    workdir: str = "runs/ae"  # checkpoints, TensorBoard scalars, config.json, history.json
+    model_base_path: str = "models/autoencoder"  # export root; versions are numeric sub-folders
+    export: bool = True  # export a new version after training
+    num_logical_devices: int = 0  # >1 splits the CPU into N devices to try MirroredStrategy here
+    collective: str = "auto"  # multi-worker all-reduce: ring on CPU, nccl on GPUs
+    checkpoint_every_steps: int = 100  # also saved at every epoch end and on SIGTERM
+    anomaly_quantile: float = 0.99  # held-out error quantile used as the anomaly threshold
+    max_examples: int = 0  # >0 keeps only the first N training examples (smoke runs, tests)
+    smoke: bool = False  # seconds-long run: 1 epoch on 512 examples
+
+    def __post_init__(self) -> None:
+        self.latent_dim = self.latent_dim or DEFAULT_LATENT_DIM.get(self.model, 32)
+        if self.smoke:
+            self.epochs = min(self.epochs, 1)
+            self.max_examples = self.max_examples or 512
+            self.batch_size = min(self.batch_size, 64)
+        self.validate()
+
+    def validate(self) -> None:
+        _check_choice("model", self.model, MODELS)
+        _check_choice("loss", self.loss, LOSSES)
+        _check_choice("collective", self.collective, COLLECTIVES)
+        _check_positive("epochs", self.epochs)
+        _check_positive("batch-size", self.batch_size)
+        _check_positive("latent-dim", self.latent_dim)
+        _check_positive("learning-rate", self.learning_rate)
+        _check_positive("checkpoint-every-steps", self.checkpoint_every_steps)
+        if not 0.0 <= self.noise_factor <= 1.0:
+            raise ConfigError(f"--noise-factor must be in [0, 1], got {self.noise_factor}")
+        if not 0.5 <= self.anomaly_quantile < 1.0:
+            raise ConfigError(f"anomaly_quantile must be in [0.5, 1), got {self.anomaly_quantile}")
+        if self.num_logical_devices < 0:
+            raise ConfigError("--num-logical-devices must be 0 (off) or a positive count")
+
+    def save(self, workdir: str | Path) -> Path:
+        path = Path(workdir) / "config.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> TrainConfig:
+        """Reads a JSON config (as written by `save`); `overrides` win over the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"config file {path} has unknown keys {unknown}; known: {sorted(known)}")
+        values.update(overrides)
+        return cls(**values)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"--{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"--{name} must be positive, got {value}")

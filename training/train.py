@@ -1,0 +1,209 @@
+"""The training job: one custom loop (`strategy.run`) for one device, many GPUs and many workers.
+
+    aekit train --dataset mnist-sample --model conv --epochs 10 --num-logical-devices 2
+    # -> runs/ae/{checkpoints/, tensorboard/, config.json, history.json} and models/autoencoder/N
+
+Keras 3 `fit` cannot run under MultiWorkerMirroredStrategy (keras-team/keras#20585), so this loop
+is the only code path. The loss of each replica is divided by the GLOBAL batch size, so summing
+gradients over replicas gives the same update as one device on the whole batch.
+Rerunning with the same workdir resumes from the last checkpoint at the exact step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+from tqdm import tqdm
+
+from training import data, distribute, models
+from training.config import TrainConfig
+from training.evaluate import reconstruction_metrics
+
+
+class Preempted(RuntimeError):
+    """Raised after a SIGTERM once every worker has saved a checkpoint; rerun to resume."""
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything the loop and the exporter share: strategy, models, optimizer, checkpointing."""
+    strategy: tf.distribute.Strategy
+    encoder: keras.Model
+    decoder: keras.Model
+    autoencoder: keras.Model
+    optimizer: keras.optimizers.Optimizer
+    step: tf.Variable
+    checkpoint: tf.train.Checkpoint
+    manager: tf.train.CheckpointManager
+    is_chief: bool
+
+
+def per_example_loss(clean: tf.Tensor, reconstruction: tf.Tensor, kind: str) -> tf.Tensor:
+    """Mean over all but the batch axis of BCE or squared error: shape [batch]."""
+    if kind == "bce":
+        p = tf.clip_by_value(reconstruction, 1e-7, 1.0 - 1e-7)
+        elementwise = -(clean * tf.math.log(p) + (1.0 - clean) * tf.math.log(1.0 - p))
+        return tf.reduce_mean(tf.reshape(elementwise, [tf.shape(clean)[0], -1]), axis=1)
+    return models.reconstruction_error(clean, reconstruction)
+
+
+def build_state(cfg: TrainConfig, input_shape, strategy: tf.distribute.Strategy) -> TrainState:
+    """Models and optimizer under the strategy's scope, restored from the workdir if it has a checkpoint."""
+    keras.utils.set_random_seed(cfg.seed)
+    with strategy.scope():
+        encoder, decoder = models.build_autoencoder(cfg.model, input_shape, cfg.latent_dim)
+        autoencoder = models.chain(encoder, decoder)
+        optimizer = keras.optimizers.Adam(cfg.learning_rate)
+        optimizer.build(autoencoder.trainable_variables)  # slots exist before restore
+        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+    checkpoint = tf.train.Checkpoint(encoder=encoder, decoder=decoder, optimizer=optimizer, step=step)
+    chief = distribute.is_chief(strategy)
+    manager = tf.train.CheckpointManager(checkpoint, _checkpoint_dir(cfg.workdir, strategy, chief),
+                                         max_to_keep=3)
+    latest = tf.train.latest_checkpoint(Path(cfg.workdir) / "checkpoints")
+    if latest:
+        checkpoint.restore(latest).assert_existing_objects_matched()
+    return TrainState(strategy, encoder, decoder, autoencoder, optimizer, step, checkpoint, manager, chief)
+
+
+def _checkpoint_dir(workdir: str, strategy: tf.distribute.Strategy, chief: bool) -> str:
+    # Every worker must take part in a save (it may all-reduce), but only the chief's copy is
+    # kept: the others write to a scratch folder that save_checkpoint deletes.
+    if chief:
+        return str(Path(workdir) / "checkpoints")
+    return str(Path(workdir) / f".scratch-{distribute.task_name(strategy)}")
+
+
+def save_checkpoint(state: TrainState) -> None:
+    state.manager.save(checkpoint_number=int(state.step.numpy()))
+    if not state.is_chief:
+        shutil.rmtree(state.manager.directory, ignore_errors=True)
+
+
+def make_train_step(state: TrainState, loss_kind: str, global_batch: int):
+    """A tf.function running one synchronous step on every replica; returns (loss, stop votes)."""
+    strategy, autoencoder, optimizer = state.strategy, state.autoencoder, state.optimizer
+
+    def replica_step(batch, stop_vote):
+        noisy, clean = batch
+        with tf.GradientTape() as tape:
+            reconstruction = autoencoder(noisy, training=True)
+            loss = tf.nn.compute_average_loss(per_example_loss(clean, reconstruction, loss_kind),
+                                              global_batch_size=global_batch)
+        grads = tape.gradient(loss, autoencoder.trainable_variables)
+        optimizer.apply_gradients(zip(grads, autoencoder.trainable_variables))
+        return loss, stop_vote
+
+    @tf.function
+    def train_step(iterator, stop_vote):
+        # The SIGTERM vote rides on the loss all-reduce: any worker told to stop stops them all
+        # at the same step, so their checkpoints agree.
+        loss, votes = strategy.run(replica_step, args=(next(iterator), stop_vote))
+        state.step.assign_add(1)
+        return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
+                strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None))
+
+    return train_step
+
+
+class StopSignal:
+    """Turns SIGTERM (preemption, pod eviction) into a flag the loop checks at each step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(cfg: TrainConfig, arrays: data.Arrays | None = None,
+                       strategy: tf.distribute.Strategy | None = None) -> tuple[TrainState, list[dict]]:
+    """Trains to cfg.epochs (resuming from cfg.workdir), evaluating after each epoch."""
+    strategy = strategy or distribute.make_strategy(cfg.num_logical_devices, cfg.collective)
+    arrays = arrays or data.load_arrays(cfg.dataset, cfg.data_dir, cfg.download)
+    x_train = arrays.x_train[: cfg.max_examples] if cfg.max_examples else arrays.x_train
+    steps = data.steps_per_epoch(len(x_train), cfg.batch_size)
+    state = build_state(cfg, arrays.input_shape, strategy)
+    if state.is_chief:
+        cfg.save(cfg.workdir)
+    train_step = make_train_step(state, cfg.loss, cfg.batch_size)
+    history = _read_history(cfg.workdir)
+    writer = (tf.summary.create_file_writer(str(Path(cfg.workdir) / "tensorboard")) if state.is_chief
+              else tf.summary.create_noop_writer())
+    _log(state, f"training {cfg.model} on {cfg.dataset}: {len(x_train)} examples, {steps} steps/epoch, "
+                f"{strategy.num_replicas_in_sync} replica(s), resuming at step {int(state.step.numpy())}")
+    with StopSignal() as stop, writer.as_default():
+        while int(state.step.numpy()) < cfg.epochs * steps:
+            epoch = int(state.step.numpy()) // steps
+            loss = _run_epoch(cfg, state, train_step, x_train, epoch, steps, stop)
+            metrics = reconstruction_metrics(lambda x: state.autoencoder(x, training=False),
+                                             arrays.x_test, cfg.noise_factor)
+            record = {"epoch": epoch + 1, "step": int(state.step.numpy()), "loss": loss, **metrics}
+            history.append(record)
+            _write_epoch(state, cfg.workdir, record, history)
+    return state, history
+
+
+def _run_epoch(cfg, state: TrainState, train_step, x_train, epoch: int, steps: int, stop) -> float:
+    dataset = state.strategy.distribute_datasets_from_function(
+        lambda ctx: data.make_dataset(x_train, cfg.batch_size, noise_factor=cfg.noise_factor,
+                                      seed=cfg.seed + epoch, input_context=ctx))
+    iterator = iter(dataset)
+    done = int(state.step.numpy()) - epoch * steps
+    for _ in range(done):  # resumed mid-epoch: skip the batches already trained on
+        next(iterator)
+    total, count = 0.0, 0
+    bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+               disable=not (sys.stderr.isatty() and state.is_chief), leave=False)
+    for _ in range(done, steps):
+        loss, votes = train_step(iterator, tf.constant(1.0 if stop.requested else 0.0))
+        total, count = total + float(loss), count + 1
+        bar.set_postfix(loss=f"{float(loss):.4f}")
+        bar.update()
+        step = int(state.step.numpy())
+        if float(votes) > 0:
+            save_checkpoint(state)
+            raise Preempted(f"stopped by SIGTERM at step {step}; checkpoint saved, rerun to resume")
+        if step % cfg.checkpoint_every_steps == 0 or step % steps == 0:
+            save_checkpoint(state)
+    bar.close()
+    return total / max(count, 1)
+
+
+def _write_epoch(state: TrainState, workdir: str, record: dict, history: list[dict]) -> None:
+    parts = [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()]
+    _log(state, "  ".join(parts))
+    if not state.is_chief:
+        return
+    for key, value in record.items():
+        if isinstance(value, float):
+            tf.summary.scalar(key, value, step=record["step"])
+    (Path(workdir) / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+
+
+def _read_history(workdir: str) -> list[dict]:
+    path = Path(workdir) / "history.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def _log(state: TrainState, message: str) -> None:
+    if state.is_chief:
+        print(message, flush=True)
