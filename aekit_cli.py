@@ -193,10 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
     if argv and argv[0] == "serve":  # TF Serving's flags are parsed by the server itself
         return _guarded(lambda: cmd_serve(None, argv[1:]))
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     return _guarded(lambda: args.func(args))
 
 

@@ -1,0 +1,1 @@
+"""aekit serving: an embedded model server speaking TensorFlow Serving's gRPC and REST protocol."""

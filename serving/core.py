@@ -1,0 +1,276 @@
+"""The protocol-neutral core: every API of the server, on numpy arrays and protos.
+
+The gRPC and REST adapters only decode a request, call one method here and encode the answer;
+validation, model resolution, batching, warmup and metrics live here once. Errors are
+ServingError (a gRPC code and TF Serving's message), mapped to HTTP by the REST adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    inference_pb2,
+    input_pb2,
+    model_pb2,
+    prediction_log_pb2,
+    regression_pb2,
+)
+
+from serving.batching import BatchScheduler
+from serving.errors import ServingError, invalid_argument
+from serving.manager import ModelManager
+from serving.metrics import ServerMetrics
+from serving.servable import DEFAULT_SIGNATURE, LoadError, Servable, check_inputs, squeeze_lenient_outputs
+from serving.tensors import proto_to_ndarray
+
+CLASSIFY_METHOD = "tensorflow/serving/classify"
+REGRESS_METHOD = "tensorflow/serving/regress"
+WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
+MAX_WARMUP_RECORDS = 1000  # as TF Serving
+
+
+@dataclasses.dataclass
+class Resolved:
+    """What a response echoes: the model, the version actually used and the signature."""
+    servable: Servable
+    signature_name: str
+
+    def model_spec(self, with_signature: bool = True) -> model_pb2.ModelSpec:
+        spec = model_pb2.ModelSpec(name=self.servable.name)
+        spec.version.value = self.servable.version
+        if with_signature:
+            spec.signature_name = self.signature_name
+        return spec
+
+
+def spec_version(spec: model_pb2.ModelSpec) -> tuple[int | None, str | None]:
+    choice = spec.WhichOneof("version_choice")
+    return (spec.version.value if choice == "version" else None,
+            spec.version_label if choice == "version_label" else None)
+
+
+class DataPlane:
+    def __init__(self, manager: ModelManager, metrics: ServerMetrics | None = None,
+                 batcher: BatchScheduler | None = None):
+        self.manager, self.metrics, self.batcher = manager, metrics or ServerMetrics(), batcher
+
+    # ---- resolution -------------------------------------------------------------------
+    def resolve(self, spec: model_pb2.ModelSpec) -> Servable:
+        version, label = spec_version(spec)
+        return self.manager.resolve(spec.name, version, label)
+
+    @contextlib.contextmanager
+    def observed(self, api: str, spec: model_pb2.ModelSpec):
+        """Counts and times one request; `resolved` is filled in once known."""
+        record = {"version": "", "signature": spec.signature_name or DEFAULT_SIGNATURE}
+        started, status = time.perf_counter(), "OK"
+        try:
+            yield record
+        except ServingError as e:
+            status = e.code.name
+            raise
+        except Exception:
+            status = "INTERNAL"
+            raise
+        finally:
+            self.metrics.observe_request(spec.name, record["version"], record["signature"], api, status,
+                                         time.perf_counter() - started)
+
+    # ---- Predict ------------------------------------------------------------------------
+    def predict(self, spec: model_pb2.ModelSpec, inputs: dict[str, np.ndarray],
+                output_filter=(), servable: Servable | None = None, timeout: float | None = None
+                ) -> tuple[Resolved, dict[str, np.ndarray]]:
+        with self.observed("predict", spec) as record:
+            servable = servable or self.resolve(spec)
+            record["version"] = str(servable.version)
+            resolved = Resolved(servable, spec.signature_name or DEFAULT_SIGNATURE)
+            outputs = self.run_predict(servable, resolved.signature_name, inputs, output_filter, timeout)
+            return resolved, outputs
+
+    def run_predict(self, servable: Servable, signature_name: str, inputs: dict[str, np.ndarray],
+                    output_filter=(), timeout: float | None = None) -> dict[str, np.ndarray]:
+        signature = servable.signature(signature_name)
+        checked, lenient = check_inputs(signature, inputs)
+        keys = _output_keys(signature, output_filter)
+        run = lambda merged: servable.run(signature_name, merged, keys)  # noqa: E731
+        if self.batcher is None or not checked:
+            outputs = run(checked)
+        else:
+            outputs = self.batcher.run((id(servable), signature_name, tuple(keys)), checked, run, timeout)
+        return squeeze_lenient_outputs(signature, outputs) if lenient else outputs
+
+    # ---- Classify / Regress / MultiInference ---------------------------------------------
+    def classify(self, spec: model_pb2.ModelSpec, input_proto: input_pb2.Input
+                 ) -> tuple[Resolved, classification_pb2.ClassificationResult]:
+        with self.observed("classify", spec) as record:
+            servable = self.resolve(spec)
+            record["version"] = str(servable.version)
+            return self._classify_on(servable, spec.signature_name or DEFAULT_SIGNATURE, input_proto)
+
+    def _classify_on(self, servable: Servable, signature_name: str, input_proto: input_pb2.Input):
+        signature = self._method_signature(servable, signature_name, CLASSIFY_METHOD, "classification")
+        outputs = self._run_on_examples(servable, signature_name, signature, input_proto)
+        classes, scores = outputs.get("classes"), outputs.get("scores")
+        count = len(classes if classes is not None else scores)
+        if scores is not None and scores.ndim == 1:
+            scores = scores.reshape(count, 1)
+        if classes is not None and classes.ndim == 1:
+            classes = classes.reshape(count, 1)
+        result = classification_pb2.ClassificationResult()
+        for i in range(count):
+            row = result.classifications.add()
+            width = (classes if classes is not None else scores).shape[1]
+            for j in range(width):
+                cls = row.classes.add()
+                if classes is not None:
+                    cls.label = classes[i, j].decode() if isinstance(classes[i, j], bytes) else str(classes[i, j])
+                if scores is not None:
+                    cls.score = float(scores[i, j])
+        return Resolved(servable, signature_name), result
+
+    def regress(self, spec: model_pb2.ModelSpec, input_proto: input_pb2.Input
+                ) -> tuple[Resolved, regression_pb2.RegressionResult]:
+        with self.observed("regress", spec) as record:
+            servable = self.resolve(spec)
+            record["version"] = str(servable.version)
+            return self._regress_on(servable, spec.signature_name or DEFAULT_SIGNATURE, input_proto)
+
+    def _regress_on(self, servable: Servable, signature_name: str, input_proto: input_pb2.Input):
+        signature = self._method_signature(servable, signature_name, REGRESS_METHOD, "regression")
+        outputs = self._run_on_examples(servable, signature_name, signature, input_proto)
+        values = outputs["outputs"].reshape(-1)
+        result = regression_pb2.RegressionResult()
+        for v in values:
+            result.regressions.add(value=float(v))
+        return Resolved(servable, signature_name), result
+
+    def multi_inference(self, request: inference_pb2.MultiInferenceRequest) -> inference_pb2.MultiInferenceResponse:
+        if not request.tasks:
+            raise invalid_argument("Inference request should have at least one task.")
+        first = request.tasks[0].model_spec
+        if any(t.model_spec.name != first.name for t in request.tasks):
+            raise invalid_argument("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
+        if len({t.model_spec.signature_name for t in request.tasks}) != len(request.tasks):
+            raise invalid_argument("Duplicate evaluation of signature")
+        with self.observed("multi_inference", first) as record:
+            servable = self.resolve(first)
+            record["version"] = str(servable.version)
+            response = inference_pb2.MultiInferenceResponse()
+            for task in request.tasks:
+                name = task.model_spec.signature_name or DEFAULT_SIGNATURE
+                if task.method_name == CLASSIFY_METHOD:
+                    resolved, result = self._classify_on(servable, name, request.input)
+                    response.results.add(model_spec=resolved.model_spec(), classification_result=result)
+                elif task.method_name == REGRESS_METHOD:
+                    resolved, result = self._regress_on(servable, name, request.input)
+                    response.results.add(model_spec=resolved.model_spec(), regression_result=result)
+                else:
+                    raise invalid_argument(f"Unsupported signature method_name: {task.method_name}")
+            return response
+
+    def _method_signature(self, servable: Servable, name: str, method: str, what: str
+                          ) -> meta_graph_pb2.SignatureDef:
+        signature = servable.signature(name)
+        if signature.method_name != method:
+            raise invalid_argument(f"Expected {what} signature method_name to be {method}. "
+                                   f"Was: {signature.method_name}")
+        return signature
+
+    def _run_on_examples(self, servable, signature_name, signature, input_proto) -> dict[str, np.ndarray]:
+        if len(signature.inputs) != 1:
+            raise invalid_argument(f"Expected one input Tensor in signature {signature_name}; "
+                                   f"found {len(signature.inputs)}")
+        alias = next(iter(signature.inputs))
+        serialized = serialize_examples(input_proto)
+        return servable.run(signature_name, {alias: serialized}, list(signature.outputs))
+
+    # ---- Metadata / status / reload ----------------------------------------------------
+    def metadata(self, spec: model_pb2.ModelSpec, fields) -> tuple[Servable, meta_graph_pb2.SignatureDef]:
+        if not fields:
+            raise invalid_argument("GetModelMetadataRequest must specify at least one metadata_field")
+        for field in fields:
+            if field != "signature_def":
+                raise invalid_argument(f"Metadata field {field} is not supported")
+        servable = self.resolve(spec)
+        signature_map = get_model_metadata_pb2.SignatureDefMap()
+        for key, value in sorted(servable.signature_defs.items()):
+            signature_map.signature_def[key].CopyFrom(value)
+        return servable, signature_map
+
+    def status(self, spec: model_pb2.ModelSpec):
+        version, label = spec_version(spec)
+        return self.manager.status(spec.name, version, label)
+
+    # ---- Warmup -----------------------------------------------------------------------
+    def warmup(self, servable: Servable) -> int:
+        """Replays assets.extra/tf_serving_warmup_requests on a version before it is served."""
+        path = Path(servable.path) / WARMUP_FILE
+        if not path.is_file():
+            return 0
+        count = 0
+        try:
+            for record in tf.data.TFRecordDataset(str(path)).take(MAX_WARMUP_RECORDS):
+                log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+                self._replay(servable, log)
+                count += 1
+        except tf.errors.DataLossError as e:
+            raise LoadError(f"warmup file {path} is corrupt: {e.message}") from None
+        except ServingError as e:
+            raise LoadError(f"warmup record {count} in {path} failed: {e.message}") from None
+        return count
+
+    def _replay(self, servable: Servable, log: prediction_log_pb2.PredictionLog) -> None:
+        kind = log.WhichOneof("log_type")
+        if kind == "predict_log":
+            request = log.predict_log.request
+            inputs = {k: proto_to_ndarray(v, k) for k, v in request.inputs.items()}
+            self.run_predict(servable, request.model_spec.signature_name or DEFAULT_SIGNATURE, inputs,
+                             request.output_filter)
+        elif kind == "classify_log":
+            request = log.classify_log.request
+            self._classify_on(servable, request.model_spec.signature_name or DEFAULT_SIGNATURE, request.input)
+        elif kind == "regress_log":
+            request = log.regress_log.request
+            self._regress_on(servable, request.model_spec.signature_name or DEFAULT_SIGNATURE, request.input)
+        else:
+            raise ServingError(grpc.StatusCode.UNIMPLEMENTED, f"Unsupported log_type for warmup: {kind}")
+
+
+def _output_keys(signature: meta_graph_pb2.SignatureDef, output_filter) -> list[str]:
+    if not output_filter:
+        return sorted(signature.outputs)
+    for alias in output_filter:
+        if alias not in signature.outputs:
+            raise invalid_argument(f"output tensor alias not found in signature: {alias} Outputs expected "
+                                   f"to be in the set {{{','.join(sorted(signature.outputs))}}}.")
+    return list(dict.fromkeys(output_filter))
+
+
+def serialize_examples(input_proto: input_pb2.Input) -> np.ndarray:
+    """tf.Examples (with an optional shared context merged in) as a DT_STRING [N] array."""
+    kind = input_proto.WhichOneof("kind")
+    if kind == "example_list":
+        examples = list(input_proto.example_list.examples)
+    elif kind == "example_list_with_context":
+        context = input_proto.example_list_with_context.context
+        examples = []
+        for example in input_proto.example_list_with_context.examples:
+            merged = type(example)()
+            merged.CopyFrom(context)
+            merged.MergeFrom(example)
+            examples.append(merged)
+    else:
+        raise invalid_argument("Input is empty.")
+    if not examples:
+        raise invalid_argument("Input is empty.")
+    return np.array([e.SerializeToString() for e in examples], dtype=object)

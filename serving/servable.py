@@ -1,0 +1,170 @@
+"""One loaded model version: its SignatureDefs and a way to run them on numpy inputs.
+
+TF2 SavedModels (they carry an object graph) load with tf.saved_model.load. TF1 exports run in
+a tf.compat.v1 Session, as TF Serving's C++ loader runs every model: tf.saved_model.load cannot
+read some of them (TF Serving's own saved_model_half_plus_three fails under TF 2.21).
+Signatures come from saved_model.pb itself, so metadata is exactly what TF Serving reports.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+
+from serving.errors import failed_precondition, invalid_argument
+
+
+SERVE_TAG = "serve"
+INIT_OP_SIGNATURE = "__saved_model_init_op"  # an internal TF2 signature that TF Serving hides
+DEFAULT_SIGNATURE = "serving_default"
+
+
+class LoadError(RuntimeError):
+    """A version that cannot be served; its message becomes the version's status."""
+
+
+def read_serve_meta_graph(version_dir: Path) -> meta_graph_pb2.MetaGraphDef:
+    """The MetaGraph tagged 'serve', read from saved_model.pb."""
+    pb = version_dir / "saved_model.pb"
+    if not pb.is_file():
+        raise LoadError(f"{version_dir} has no saved_model.pb")
+    model = saved_model_pb2.SavedModel()
+    try:
+        model.ParseFromString(pb.read_bytes())
+    except Exception as e:  # a truncated or foreign file
+        raise LoadError(f"{pb} is not a SavedModel: {e}") from None
+    for meta_graph in model.meta_graphs:
+        if SERVE_TAG in meta_graph.meta_info_def.tags:
+            return meta_graph
+    raise LoadError(f"{pb} has no MetaGraph tagged '{SERVE_TAG}'")
+
+
+def _first_line(error: Exception) -> str:
+    text = getattr(error, "message", None) or str(error)
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def numpy_dtype(dtype_enum: int) -> np.dtype:
+    return np.dtype(object) if dtype_enum == tf.string.as_datatype_enum else \
+        np.dtype(tf.dtypes.as_dtype(dtype_enum).as_numpy_dtype)
+
+
+def dtype_name(dtype_enum: int) -> str:
+    return tf.dtypes.as_dtype(dtype_enum).name
+
+
+class Servable:
+    """A loaded version. `run` takes checked numpy inputs keyed by alias, returns outputs by alias."""
+
+    def __init__(self, name: str, version: int, path: Path):
+        self.name, self.version, self.path = name, version, Path(path)
+        meta_graph = read_serve_meta_graph(self.path)
+        self.signature_defs = {k: v for k, v in meta_graph.signature_def.items() if k != INIT_OP_SIGNATURE}
+        self.is_tf2 = len(meta_graph.object_graph_def.nodes) > 0
+        self._functions, self._session = (self._load_tf2(), None) if self.is_tf2 else (None, self._load_session())
+
+    def _load_tf2(self) -> dict:
+        try:
+            loaded = tf.saved_model.load(str(self.path), tags=[SERVE_TAG])
+        except Exception as e:
+            raise LoadError(f"cannot load SavedModel {self.path}: {_first_line(e)}") from None
+        functions = {k: loaded.signatures[k] for k in self.signature_defs if k in loaded.signatures}
+        missing = set(self.signature_defs) - set(functions)
+        if missing:
+            raise LoadError(f"SavedModel {self.path} lists signatures it cannot run: {sorted(missing)}")
+        self._loaded = loaded  # the functions' variables live as long as the servable
+        return functions
+
+    def _load_session(self) -> tf.compat.v1.Session:
+        graph = tf.Graph()
+        session = tf.compat.v1.Session(graph=graph)
+        try:
+            with graph.as_default():
+                tf.compat.v1.saved_model.loader.load(session, [SERVE_TAG], str(self.path))
+        except Exception as e:
+            session.close()
+            raise LoadError(f"cannot load SavedModel {self.path}: {_first_line(e)}") from None
+        return session
+
+    def signature(self, name: str) -> meta_graph_pb2.SignatureDef:
+        name = name or DEFAULT_SIGNATURE
+        if name not in self.signature_defs:
+            raise failed_precondition(f'Serving signature key "{name}" not found.')
+        return self.signature_defs[name]
+
+    def run(self, signature_name: str, inputs: dict[str, np.ndarray], output_keys: list[str]) -> dict[str, np.ndarray]:
+        signature = self.signature_defs[signature_name]
+        if self._session is not None:
+            fetches = [signature.outputs[k].name for k in output_keys]
+            feeds = {signature.inputs[k].name: v for k, v in inputs.items()}
+            try:
+                values = self._session.run(fetches, feed_dict=feeds)
+            except tf.errors.OpError as e:
+                raise invalid_argument(e.message.splitlines()[0]) from None
+            return dict(zip(output_keys, values))
+        function = self._functions[signature_name]
+        try:
+            result = function(**{k: tf.constant(v) for k, v in inputs.items()})
+        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
+            raise invalid_argument(str(e).splitlines()[0]) from None
+        return {k: result[k].numpy() for k in output_keys}
+
+
+def check_inputs(signature: meta_graph_pb2.SignatureDef, inputs: dict[str, np.ndarray]
+                 ) -> tuple[dict[str, np.ndarray], bool]:
+    """Checks aliases, dtypes and shapes against the signature: (inputs ready to run, lenient).
+
+    TF Serving's C++ Session accepts x of shape [3] for a [-1, 1] signature and computes on [3];
+    here such an input gains the trailing 1 and `lenient` tells the caller to drop it from the
+    outputs again (squeeze_lenient_outputs), so both servers answer alike.
+    """
+    expected = set(signature.inputs)
+    for alias in inputs:
+        if alias not in expected:
+            raise invalid_argument(f"input tensor alias not found in signature: {alias}. "
+                                   f"Inputs expected to be in the set {{{','.join(sorted(expected))}}}.")
+    missing = expected - set(inputs)
+    if missing:
+        raise invalid_argument(f"input size does not match signature: {len(inputs)}!={len(expected)} "
+                               f"len({{{','.join(sorted(inputs))}}}) != len({{{','.join(sorted(expected))}}}). "
+                               f"Sent extra: {{}}. Missing but required: {{{','.join(sorted(missing))}}}.")
+    checked = {alias: _check_tensor(alias, signature.inputs[alias], value) for alias, value in inputs.items()}
+    lenient = any(checked[a].ndim != np.ndim(inputs[a]) for a in checked)
+    return checked, lenient
+
+
+def squeeze_lenient_outputs(signature: meta_graph_pb2.SignatureDef, outputs: dict[str, np.ndarray]
+                            ) -> dict[str, np.ndarray]:
+    """Drops the trailing 1 that check_inputs added, from outputs declared as [..., 1]."""
+    squeezed = {}
+    for alias, value in outputs.items():
+        dims = signature.outputs[alias].tensor_shape.dim
+        ends_in_one = len(dims) == value.ndim and dims and dims[-1].size == 1 and value.shape[-1] == 1
+        squeezed[alias] = value[..., 0] if ends_in_one else value
+    return squeezed
+
+
+def _check_tensor(alias: str, info: meta_graph_pb2.TensorInfo, value: np.ndarray) -> np.ndarray:
+    want = numpy_dtype(info.dtype)
+    if value.dtype != want and not (want == object and value.dtype.kind in "SUO"):
+        raise invalid_argument(f"input '{alias}' has dtype {_np_name(value.dtype)} but the signature expects "
+                               f"{dtype_name(info.dtype)}; send {dtype_name(info.dtype)} values")
+    if info.tensor_shape.unknown_rank:
+        return value
+    dims = [d.size for d in info.tensor_shape.dim]
+    shape = list(value.shape)
+    if len(shape) == len(dims) - 1 and dims[-1] == 1:
+        value, shape = value.reshape(*shape, 1), shape + [1]
+    if len(shape) != len(dims) or any(d >= 0 and d != s for d, s in zip(dims, shape)):
+        want_shape = "[" + ",".join("?" if d < 0 else str(d) for d in dims) + "]"
+        raise invalid_argument(f"input '{alias}' has shape [{','.join(map(str, shape))}] but the signature "
+                               f"expects {want_shape} ({dtype_name(info.dtype)})")
+    return value
+
+
+def _np_name(dtype: np.dtype) -> str:
+    return "string" if dtype.kind in "SUO" else tf.dtypes.as_dtype(dtype).name
+

@@ -1,0 +1,98 @@
+"""Tensor codecs shared by the server and the clients: numpy <-> TensorProto, and TF Serving's JSON.
+
+TensorProto: both `tensor_content` and the typed `*_val` fields are read (clients send either);
+numeric tensors are written as `tensor_content`, the compact form TF Serving itself returns.
+JSON: values follow the signature's dtype; binary strings travel as {"b64": "..."} (standard
+base64), and outputs whose alias ends in `_bytes` are written that way, as TF Serving does.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+
+from serving.errors import invalid_argument
+
+_NUMPY_TO_ENUM = {np.dtype(tf.dtypes.as_dtype(e).as_numpy_dtype): e for e in (
+    types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE, types_pb2.DT_INT32, types_pb2.DT_INT64, types_pb2.DT_UINT8,
+    types_pb2.DT_INT8, types_pb2.DT_INT16, types_pb2.DT_UINT16, types_pb2.DT_BOOL, types_pb2.DT_HALF,
+    types_pb2.DT_UINT32, types_pb2.DT_UINT64)}
+
+
+def ndarray_to_proto(array: np.ndarray) -> tensor_pb2.TensorProto:
+    array = np.asarray(array)
+    enum = _NUMPY_TO_ENUM.get(array.dtype)
+    if enum is None:  # strings and rare types: TensorFlow's own (slower) encoder
+        return tf.make_tensor_proto(array)
+    shape = tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d)
+                                                   for d in array.shape])
+    return tensor_pb2.TensorProto(dtype=enum, tensor_shape=shape,
+                                  tensor_content=np.ascontiguousarray(array).tobytes())
+
+
+def proto_to_ndarray(proto: tensor_pb2.TensorProto, alias: str = "") -> np.ndarray:
+    shape = [d.size for d in proto.tensor_shape.dim]
+    if any(d < 0 for d in shape):
+        raise invalid_argument(f"input '{alias}' has an unknown dimension in its TensorProto shape {shape}")
+    try:
+        if proto.tensor_content and proto.dtype != types_pb2.DT_STRING:
+            dtype = np.dtype(tf.dtypes.as_dtype(proto.dtype).as_numpy_dtype)
+            return np.frombuffer(proto.tensor_content, dtype=dtype).reshape(shape)
+        return tf.make_ndarray(proto)
+    except (TypeError, ValueError) as e:
+        raise invalid_argument(f"input '{alias}' is not a valid TensorProto: {e}") from None
+
+
+# ---- JSON (REST) ------------------------------------------------------------------------------
+def json_to_ndarray(value, dtype_enum: int, alias: str) -> np.ndarray:
+    """Converts a JSON value to an array of the signature's dtype, with a clear error if it can't."""
+    if dtype_enum == types_pb2.DT_STRING:
+        return np.asarray(decode_strings(value, alias), dtype=object)
+    dtype = np.dtype(tf.dtypes.as_dtype(dtype_enum).as_numpy_dtype)
+    try:
+        array = np.asarray(value)
+    except ValueError:
+        raise invalid_argument(f"input '{alias}' is a ragged list: every element must have the same shape") from None
+    if array.dtype == object:
+        raise invalid_argument(f"input '{alias}' is a ragged list or mixes types: every element must be a "
+                               f"number of the same shape ({tf.dtypes.as_dtype(dtype_enum).name})")
+    if array.dtype.kind in "US":
+        raise invalid_argument(f"input '{alias}' has string values but the signature expects "
+                               f"{tf.dtypes.as_dtype(dtype_enum).name} numbers")
+    if dtype.kind in "iub" and array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)):
+            raise invalid_argument(f"input '{alias}' has NaN or Infinity but the signature expects "
+                                   f"{tf.dtypes.as_dtype(dtype_enum).name}")
+        if np.any(array != np.round(array)):
+            raise invalid_argument(f"input '{alias}' has fractional values but the signature expects "
+                                   f"{tf.dtypes.as_dtype(dtype_enum).name}")
+    return array.astype(dtype, copy=False)
+
+
+def decode_strings(value, alias: str):
+    if isinstance(value, list):
+        return [decode_strings(v, alias) for v in value]
+    if isinstance(value, dict):
+        if set(value) != {"b64"} or not isinstance(value["b64"], str):
+            raise invalid_argument(f"input '{alias}': a binary value must be {{\"b64\": \"<base64>\"}}")
+        try:
+            return base64.b64decode(value["b64"], validate=True)
+        except binascii.Error:
+            raise invalid_argument(f"input '{alias}': {{\"b64\": ...}} is not valid standard base64 "
+                                   "(URL-safe '-' and '_' are not accepted; use '+' and '/')") from None
+    if isinstance(value, str):
+        return value.encode()
+    raise invalid_argument(f"input '{alias}' expects strings; got {type(value).__name__}")
+
+
+def ndarray_to_json(array: np.ndarray, alias: str):
+    """The JSON value TF Serving writes for an output tensor."""
+    if array.dtype == object or array.dtype.kind in "SU":
+        encode = (lambda b: {"b64": base64.b64encode(b).decode()}) if alias.endswith("_bytes") else \
+            (lambda b: b.decode("utf-8", "replace") if isinstance(b, bytes) else str(b))
+        return np.vectorize(encode, otypes=[object])(array).tolist() if array.size else array.tolist()
+    return array.tolist()
