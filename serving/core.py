@@ -180,19 +180,26 @@ class DataPlane:
 
     def _method_signature(self, servable: Servable, name: str, method: str, what: str
                           ) -> meta_graph_pb2.SignatureDef:
-        signature = servable.signature(name)
-        if signature.method_name != method:
-            raise invalid_argument(f"Expected {what} signature method_name to be {method}. "
-                                   f"Was: {signature.method_name}")
+        """The signature for Classify/Regress, checked by shape of inputs and outputs.
+
+        Like TF Serving (whose method-name check is off by default), the signature's method_name
+        is not required: TF2 exports mark every signature "predict".
+        """
+        if name not in servable.signature_defs:
+            raise invalid_argument(f"No signature was found with the name: {name}")
+        signature = servable.signature_defs[name]
+        if len(signature.inputs) != 1 or "inputs" not in signature.inputs:
+            raise invalid_argument(f"Expected one input Tensor named \"inputs\" in {what} signature {name}; "
+                                   f"found {sorted(signature.inputs)}")
+        wanted = {"classes", "scores"} if method == CLASSIFY_METHOD else {"outputs"}
+        if not wanted & set(signature.outputs):
+            raise invalid_argument(f"Expected {what} signature outputs to contain "
+                                   f"{' or '.join(sorted(wanted))}. Signature {name} has {sorted(signature.outputs)}")
         return signature
 
     def _run_on_examples(self, servable, signature_name, signature, input_proto) -> dict[str, np.ndarray]:
-        if len(signature.inputs) != 1:
-            raise invalid_argument(f"Expected one input Tensor in signature {signature_name}; "
-                                   f"found {len(signature.inputs)}")
-        alias = next(iter(signature.inputs))
-        serialized = serialize_examples(input_proto)
-        return servable.run(signature_name, {alias: serialized}, list(signature.outputs))
+        keys = [k for k in ("classes", "scores", "outputs") if k in signature.outputs]
+        return servable.run(signature_name, {"inputs": serialize_examples(input_proto)}, keys)
 
     # ---- Metadata / status / reload ----------------------------------------------------
     def metadata(self, spec: model_pb2.ModelSpec, fields) -> tuple[Servable, meta_graph_pb2.SignatureDef]:

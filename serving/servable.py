@@ -18,7 +18,7 @@ from serving.errors import failed_precondition, invalid_argument
 
 
 SERVE_TAG = "serve"
-INIT_OP_SIGNATURE = "__saved_model_init_op"  # an internal TF2 signature that TF Serving hides
+INIT_OP_SIGNATURE = "__saved_model_init_op"  # TF2's initializer: listed in metadata, not callable
 DEFAULT_SIGNATURE = "serving_default"
 
 
@@ -62,7 +62,8 @@ class Servable:
     def __init__(self, name: str, version: int, path: Path):
         self.name, self.version, self.path = name, version, Path(path)
         meta_graph = read_serve_meta_graph(self.path)
-        self.signature_defs = {k: v for k, v in meta_graph.signature_def.items() if k != INIT_OP_SIGNATURE}
+        # All of them, __saved_model_init_op included: TF Serving's metadata lists it too.
+        self.signature_defs = dict(meta_graph.signature_def)
         self.is_tf2 = len(meta_graph.object_graph_def.nodes) > 0
         self._functions, self._session = (self._load_tf2(), None) if self.is_tf2 else (None, self._load_session())
 
@@ -72,7 +73,7 @@ class Servable:
         except Exception as e:
             raise LoadError(f"cannot load SavedModel {self.path}: {_first_line(e)}") from None
         functions = {k: loaded.signatures[k] for k in self.signature_defs if k in loaded.signatures}
-        missing = set(self.signature_defs) - set(functions)
+        missing = set(self.signature_defs) - set(functions) - {INIT_OP_SIGNATURE}
         if missing:
             raise LoadError(f"SavedModel {self.path} lists signatures it cannot run: {sorted(missing)}")
         self._loaded = loaded  # the functions' variables live as long as the servable
