@@ -48,7 +48,7 @@ def versions_on_disk(base_path: str) -> list[int]:
     return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def aspired_versions(policy: model_server_config_pb2.FileSystemStoragePathSourceConfig.ServableVersionPolicy,
+def aspired_versions(policy,
                      on_disk: list[int]) -> set[int]:
     """The versions the policy wants served: latest N (default 1), all, or specific ones."""
     choice = policy.WhichOneof("policy_choice")

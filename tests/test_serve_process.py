@@ -1,0 +1,165 @@
+"""`aekit serve` as a real process: flags, polling, reload, limits, socket, TLS, reflection, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tensorflow_serving.apis import (
+    model_management_pb2,
+    model_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from serving import config_files
+from serving.tensors import ndarray_to_proto, proto_to_ndarray
+from tests.model_fixtures import write_tf2
+from tests.server_process import running_server
+
+pytestmark = pytest.mark.slow
+
+
+def predict(channel, x, name="default", timeout=30):
+    request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name=name))
+    request.inputs["x"].CopyFrom(ndarray_to_proto(np.asarray(x, np.float32)))
+    response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=timeout)
+    return proto_to_ndarray(response.outputs["y"]), response.model_spec.version.value
+
+
+def wait_for(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def run_serve(args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "aekit_cli", "serve", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_server_process_end_to_end(tmp_path):
+    base = tmp_path / "model"
+    write_tf2(base / "1", b=2.0)
+    batching = tmp_path / "batching.config"
+    batching.write_text("max_batch_size { value: 32 }\nbatch_timeout_micros { value: 2000 }\n"
+                        "num_batch_threads { value: 2 }\n")
+    monitoring = tmp_path / "monitoring.config"
+    monitoring.write_text('prometheus_config { enable: true path: "/metrics" }\n')
+    socket_path = tmp_path / "grpc.sock"
+    flags = [f"--model_base_path={base}", "--file_system_poll_wait_seconds=1", "--enable_batching",
+             f"--batching_parameters_file={batching}", f"--monitoring_config_file={monitoring}",
+             f"--grpc_socket_path={socket_path}", "--max_request_bytes=65536"]
+    with running_server(flags, tmp_path / "server.log", ["default"]) as server:
+        channel = grpc.insecure_channel(server.grpc_address)
+
+        # batching: concurrent callers each get their own answer
+        xs = np.arange(64, dtype=np.float32)
+        with futures.ThreadPoolExecutor(16) as pool:
+            ys = list(pool.map(lambda x: predict(channel, [[x]])[0].item(), xs))
+        assert ys == (0.5 * xs + 2).tolist()
+        import urllib.request
+        metrics = urllib.request.urlopen(server.rest_url + "/metrics", timeout=10).read().decode()
+        assert ":tensorflow:serving:batching_session:batch_size_count" in metrics
+
+        # a new version is picked up by polling
+        write_tf2(tmp_path / "staging", b=3.0)
+        shutil.move(tmp_path / "staging", base / "2")
+        assert wait_for(lambda: predict(channel, [[2.0]])[1] == 2)
+        assert predict(channel, [[2.0]])[0].item() == 4.0
+
+        # the unix socket serves the same API
+        with grpc.insecure_channel(f"unix:{socket_path}") as unix_channel:
+            assert predict(unix_channel, [[2.0]])[0].item() == 4.0
+
+        # requests over --max_request_bytes: RESOURCE_EXHAUSTED on gRPC, 429 on REST
+        with pytest.raises(grpc.RpcError) as info:
+            predict(channel, np.ones((20000, 1)))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        body = json.dumps({"instances": [[1.0]] * 20000}).encode()
+        request = urllib.request.Request(server.rest_url + "/v1/models/default:predict", data=body, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as http_info:
+            urllib.request.urlopen(request, timeout=10)
+        assert http_info.value.code == 429 and "error" in json.loads(http_info.value.read())
+
+        # reflection lists the services, so grpcurl can call them
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in reply.list_services_response.service}
+        assert {"tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"} <= names
+
+        # HandleReloadConfigRequest replaces the model set
+        reload = model_management_pb2.ReloadConfigRequest(config=config_files.single_model_config("renamed", str(base)))
+        reply = model_service_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(reload, timeout=60)
+        assert reply.status.error_code == 0
+        assert predict(channel, [[2.0]], name="renamed")[0].item() == 4.0
+        with pytest.raises(grpc.RpcError) as info:
+            predict(channel, [[2.0]])
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        channel.close()
+
+        # SIGTERM drains and exits cleanly
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0
+        assert "Shutting down" in server.log_text()
+
+
+def test_config_file_errors_exit_non_zero_with_tf_serving_message(tmp_path):
+    bad = tmp_path / "bad.config"
+    bad.write_text("improperly formatted file")
+    result = run_serve([f"--model_config_file={bad}", "--port=0"])
+    assert result.returncode != 0
+    assert "Error parsing text-format tensorflow.serving.ModelServerConfig" in result.stderr
+    result = run_serve(["--port=0"])
+    assert result.returncode != 0 and "model_base_path" in result.stderr
+    result = run_serve(["--model_base_path=/x", "--no_such_flag=1"])
+    assert result.returncode != 0 and "no_such_flag" in result.stderr
+
+
+def test_base_path_without_versions_says_so_then_loads_one(tmp_path):
+    base = tmp_path / "empty"
+    base.mkdir()
+    with running_server([f"--model_base_path={base}", "--file_system_poll_wait_seconds=1"],
+                        tmp_path / "server.log", rest=False) as server:
+        assert wait_for(lambda: "No versions of servable default found under base path" in server.log_text(), 60)
+        write_tf2(base / "7")
+        with grpc.insecure_channel(server.grpc_address) as channel:
+            assert wait_for(lambda: _try_predict(channel) == 7, 60)
+
+
+def _try_predict(channel):
+    try:
+        return predict(channel, [[1.0]], timeout=5)[1]
+    except grpc.RpcError:
+        return None
+
+
+def test_tls_with_ssl_config_file(tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    ssl_config = tmp_path / "ssl.config"
+    ssl_config.write_text(f"server_key: {json.dumps(key.read_text())}\nserver_cert: {json.dumps(cert.read_text())}\n")
+    base = tmp_path / "model"
+    write_tf2(base / "1")
+    with running_server([f"--model_base_path={base}", f"--ssl_config_file={ssl_config}"],
+                        tmp_path / "server.log", ["default"]) as server:
+        credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        with grpc.secure_channel(f"localhost:{server.grpc_port}", credentials) as channel:
+            assert predict(channel, [[2.0]])[0].item() == 3.0
+        with grpc.insecure_channel(server.grpc_address) as plain, pytest.raises(grpc.RpcError):
+            predict(plain, [[2.0]], timeout=5)
