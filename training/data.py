@@ -85,19 +85,24 @@ def _load_tfds(name: str, data_dir: str | None, download: bool) -> Arrays:
     import tensorflow_datasets as tfds
 
     try:
-        splits = tfds.load(name, split=["train", "test"], data_dir=data_dir, download=download,
-                           batch_size=-1, as_supervised=False)
+        splits = tfds.load(name, split=["train", "test"], data_dir=data_dir, download=download)
     except Exception as e:  # tfds raises AssertionError, DatasetNotFoundError, ... for a missing set
         hint = "" if download else " Pass --download (needs network) or point --data-dir at a prepared copy."
         raise DataError(f"tensorflow-datasets could not load {name!r}: {str(e).splitlines()[0]}.{hint}") from None
-    (train, test) = (tfds.as_numpy(s) for s in splits)
-    image_key = "image" if "image" in train else next(iter(train))
-    label_key = "label" if "label" in train else None
+    return Arrays(*_tfds_split_arrays(splits[0]), *_tfds_split_arrays(splits[1]))
 
-    def labels(split):
-        return split[label_key].astype(np.int64) if label_key else np.zeros(len(split[image_key]), np.int64)
 
-    return Arrays(train[image_key], labels(train), test[image_key], labels(test))
+def _tfds_split_arrays(split: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of one split; the image feature is "image" or the first feature."""
+    import tensorflow_datasets as tfds
+
+    examples = list(tfds.as_numpy(split))
+    if not examples:
+        return np.zeros((0,)), np.zeros((0,), np.int64)
+    image_key = "image" if "image" in examples[0] else next(iter(examples[0]))
+    images = np.stack([e[image_key] for e in examples])
+    labels = np.array([e.get("label", 0) for e in examples], np.int64)
+    return images, labels
 
 
 def _load_npz(path: Path) -> Arrays:

@@ -100,7 +100,7 @@ def make_train_step(state: TrainState, loss_kind: str, global_batch: int):
                                               global_batch_size=global_batch)
         grads = tape.gradient(loss, autoencoder.trainable_variables)
         optimizer.apply_gradients(zip(grads, autoencoder.trainable_variables))
-        return loss, stop_vote
+        return loss, tf.identity(stop_vote)  # a per-replica value, so it can be all-reduced
 
     @tf.function
     def train_step(iterator, stop_vote):
@@ -135,8 +135,12 @@ class StopSignal:
 
 
 def train_and_evaluate(cfg: TrainConfig, arrays: data.Arrays | None = None,
-                       strategy: tf.distribute.Strategy | None = None) -> tuple[TrainState, list[dict]]:
-    """Trains to cfg.epochs (resuming from cfg.workdir), evaluating after each epoch."""
+                       strategy: tf.distribute.Strategy | None = None,
+                       stop: StopSignal | None = None) -> tuple[TrainState, list[dict]]:
+    """Trains to cfg.epochs (resuming from cfg.workdir), evaluating after each epoch.
+
+    Raises Preempted, after saving a checkpoint, when SIGTERM arrives (or `stop` says so).
+    """
     strategy = strategy or distribute.make_strategy(cfg.num_logical_devices, cfg.collective)
     arrays = arrays or data.load_arrays(cfg.dataset, cfg.data_dir, cfg.download)
     x_train = arrays.x_train[: cfg.max_examples] if cfg.max_examples else arrays.x_train
@@ -150,7 +154,7 @@ def train_and_evaluate(cfg: TrainConfig, arrays: data.Arrays | None = None,
               else tf.summary.create_noop_writer())
     _log(state, f"training {cfg.model} on {cfg.dataset}: {len(x_train)} examples, {steps} steps/epoch, "
                 f"{strategy.num_replicas_in_sync} replica(s), resuming at step {int(state.step.numpy())}")
-    with StopSignal() as stop, writer.as_default():
+    with stop or StopSignal() as stop, writer.as_default():
         while int(state.step.numpy()) < cfg.epochs * steps:
             epoch = int(state.step.numpy()) // steps
             loss = _run_epoch(cfg, state, train_step, x_train, epoch, steps, stop)

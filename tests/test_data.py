@@ -1,0 +1,120 @@
+"""Input pipeline: every source, the fixed split, scaling, noise, sharding, and each bad input's error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from training import data
+from training.config import ConfigError
+
+
+def test_mnist_sample_split_is_fixed_4000_1000_and_shuffled():
+    a = data.load_arrays("mnist-sample")
+    b = data.load_arrays("mnist-sample")
+    assert a.x_train.shape == (4000, 28, 28, 1) and a.x_test.shape == (1000, 28, 28, 1)
+    assert a.x_train.dtype == np.uint8
+    np.testing.assert_array_equal(a.y_test, b.y_test)  # same split in every command
+    assert len(np.unique(a.y_test)) == 10  # shuffled before splitting (the source is sorted by class)
+
+
+def test_tfds_offline_with_mock_data():
+    with tfds.testing.mock_data(num_examples=12):
+        arrays = data.load_arrays("tfds:mnist")
+    assert arrays.x_train.shape[1:] == (28, 28, 1) and len(arrays.x_train) == 12
+
+
+def test_tfds_missing_without_download_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="--download"):
+        data.load_arrays("tfds:mnist", data_dir=str(tmp_path))
+
+
+def test_npz_source(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=np.zeros((10, 8, 8), np.uint8), y_train=np.arange(10),
+             x_test=np.full((4, 8, 8), 255, np.uint8), y_test=np.arange(4))
+    arrays = data.load_arrays(f"npz:{path}")
+    assert arrays.x_train.shape == (10, 8, 8, 1) and arrays.input_shape == (8, 8, 1)
+    np.savez(path, images=np.zeros((3, 2)))
+    with pytest.raises(ConfigError, match="lacks arrays"):
+        data.load_arrays(f"npz:{path}")
+
+
+def test_image_folder_with_class_subfolders(tmp_path):
+    for label in ("cats", "dogs"):
+        (tmp_path / label).mkdir()
+        for i in range(5):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / label / f"{i}.png")
+    arrays = data.load_arrays(str(tmp_path))
+    assert len(arrays.x_train) + len(arrays.x_test) == 10
+    assert arrays.input_shape == (8, 8, 1)
+    assert set(np.concatenate([arrays.y_train, arrays.y_test])) == {0, 1}
+
+
+def test_image_folder_mixed_shapes(tmp_path):
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((9, 8), np.uint8)).save(tmp_path / "b.png")
+    with pytest.raises(ConfigError, match="mixed shapes"):
+        data.load_arrays(str(tmp_path))
+
+
+def test_npy_vectors_and_range_check(tmp_path):
+    path = tmp_path / "tab.npy"
+    np.save(path, np.random.default_rng(0).random((50, 6)).astype(np.float32))
+    arrays = data.load_arrays(str(path))
+    assert arrays.input_shape == (6,) and len(arrays.x_test) == 10
+    np.save(path, np.full((5, 3), 7.0))
+    with pytest.raises(ConfigError, match=r"values in \[7, 7\]; expected \[0, 1\]"):
+        data.load_arrays(str(path))
+    np.save(path, np.zeros((5, 3, 3)))
+    with pytest.raises(ConfigError, match="must be \\(N, D\\)"):
+        data.load_arrays(str(path))
+
+
+@pytest.mark.parametrize("source, message", [
+    ("imagenet-please", "unknown dataset"),
+    ("missing/dir", "does not exist"),
+    ("npz:/nope.npz", "does not exist"),
+    ("/nope.npy", "does not exist"),
+])
+def test_bad_sources(source, message):
+    with pytest.raises(ConfigError, match=message):
+        data.load_arrays(source)
+
+
+def test_empty_dataset(tmp_path):
+    path = tmp_path / "e.npz"
+    np.savez(path, x_train=np.zeros((0, 4, 4), np.uint8), x_test=np.zeros((0, 4, 4), np.uint8))
+    with pytest.raises(ConfigError, match="empty"):
+        data.load_arrays(f"npz:{path}")
+
+
+def test_scale_and_noise_eager_and_in_tf_data():
+    x = np.array([[0, 128, 255]], np.uint8)
+    np.testing.assert_allclose(data.scale_to_unit(tf.constant(x)).numpy(), [[0.0, 128 / 255, 1.0]])
+    clean = tf.fill([4, 5], 0.5)
+    noisy, target = data.add_noise(clean, 0.4, tf.constant([1, 2], tf.int64))
+    assert float(tf.reduce_min(noisy)) >= 0.0 and float(tf.reduce_max(noisy)) <= 1.0
+    assert not np.allclose(noisy.numpy(), 0.5) and np.allclose(target.numpy(), 0.5)
+    ds = data.make_dataset(np.full((16, 3), 128, np.uint8), 4, noise_factor=0.3, seed=1)
+    noisy, clean = next(iter(ds))
+    assert noisy.shape == (4, 3) and noisy.dtype == tf.float32
+    again, _ = next(iter(data.make_dataset(np.full((16, 3), 128, np.uint8), 4, noise_factor=0.3, seed=1)))
+    np.testing.assert_array_equal(noisy.numpy(), again.numpy())  # seeded: a resumed run sees the same batches
+
+
+def test_input_context_shards_and_splits_the_global_batch():
+    x = np.arange(32, dtype=np.uint8).reshape(32, 1)
+    context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1, num_replicas_in_sync=4)
+    noisy, _ = next(iter(data.make_dataset(x, 16, input_context=context, training=False)))
+    assert noisy.shape == (4, 1)  # global 16 over 4 replicas
+    assert (noisy.numpy() * 255).round().astype(int).ravel().tolist() == [1, 3, 5, 7]  # shard 1 of 2
+
+
+def test_steps_per_epoch_refuses_a_batch_larger_than_the_data():
+    assert data.steps_per_epoch(100, 32) == 3
+    with pytest.raises(ConfigError, match="lower --batch-size"):
+        data.steps_per_epoch(10, 32)

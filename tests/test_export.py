@@ -1,0 +1,125 @@
+"""Export: signatures (names, shapes, dtypes) equal the Keras model, warmup, atomic versions."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import prediction_log_pb2
+
+from training import data, export, jobs, train
+from training.config import ConfigError, TrainConfig
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    arrays = data.load_arrays("mnist-sample")
+    arrays = data.Arrays(arrays.x_train[:128], arrays.y_train[:128], arrays.x_test[:64], arrays.y_test[:64])
+    workdir = tmp_path_factory.mktemp("run")
+    cfg = TrainConfig(model="conv", latent_dim=16, epochs=1, batch_size=64, workdir=str(workdir), export=False)
+    state, _ = train.train_and_evaluate(cfg, arrays, tf.distribute.get_strategy())
+    return cfg, state, arrays
+
+
+def test_export_signatures_match_keras(tmp_path, trained):
+    cfg, state, arrays = trained
+    cfg.model_base_path = str(tmp_path / "models")
+    version_dir = jobs.export_trained(state, cfg, arrays)
+    assert version_dir.name == "1"
+    loaded = tf.saved_model.load(str(version_dir))
+    assert set(loaded.signatures) == {"encode", "decode", "denoise", "score", "serving_default"}
+
+    def io(name):
+        fn = loaded.signatures[name]
+        inputs = {k: (tuple(v.shape), v.dtype) for k, v in fn.structured_input_signature[1].items()}
+        outputs = {k: (tuple(v.shape), v.dtype) for k, v in fn.structured_outputs.items()}
+        return inputs, outputs
+
+    image = (None, 28, 28, 1)
+    assert io("encode") == ({"images": (image, tf.float32)}, {"latent": ((None, 16), tf.float32)})
+    assert io("decode") == ({"latent": ((None, 16), tf.float32)}, {"reconstruction": (image, tf.float32)})
+    assert io("denoise") == io("serving_default") == ({"images": (image, tf.float32)},
+                                                      {"reconstruction": (image, tf.float32)})
+    assert io("score")[1] == {"error": ((None,), tf.float32), "is_anomaly": ((None,), tf.bool),
+                              "threshold": ((None,), tf.float32)}
+
+    x = data.scale_to_unit(tf.constant(arrays.x_test[:5])).numpy()
+    np.testing.assert_allclose(loaded.signatures["denoise"](images=x)["reconstruction"].numpy(),
+                               state.autoencoder(x).numpy(), atol=1e-5)
+    score = loaded.signatures["score"](images=x)
+    errors = jobs.held_out_errors(state, arrays.x_test)
+    threshold = float(np.quantile(errors, cfg.anomaly_quantile))
+    np.testing.assert_allclose(score["threshold"].numpy(), threshold, rtol=1e-6)
+    np.testing.assert_array_equal(score["is_anomaly"].numpy(), score["error"].numpy() > threshold)
+
+
+def test_warmup_file_has_records_for_every_signature(tmp_path, trained):
+    cfg, state, arrays = trained
+    cfg.model_base_path = str(tmp_path / "models")
+    version_dir = jobs.export_trained(state, cfg, arrays)
+    records = [prediction_log_pb2.PredictionLog.FromString(r.numpy())
+               for r in tf.data.TFRecordDataset(str(version_dir / export.WARMUP_FILE))]
+    names = [r.predict_log.request.model_spec.signature_name for r in records]
+    assert set(names) == {"encode", "decode", "denoise", "score", "serving_default"}
+    assert len(records) == 5 * export.WARMUP_RECORDS_PER_SIGNATURE
+
+
+def test_versions_increase_and_only_version_folders_remain(tmp_path, trained):
+    cfg, state, arrays = trained
+    cfg.model_base_path = str(tmp_path / "models")
+    (tmp_path / "models" / "7").mkdir(parents=True)
+    assert jobs.export_trained(state, cfg, arrays).name == "8"
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["7", "8"]
+
+
+def test_no_partial_version_is_ever_visible(tmp_path, trained):
+    cfg, state, arrays = trained
+    base = tmp_path / "models"
+    cfg.model_base_path = str(base)
+    seen_incomplete, done = [], threading.Event()
+
+    def watch():  # what a polling TF Serving would see
+        while not done.is_set():
+            for p in list(base.glob("[0-9]*")):
+                if not (p / "saved_model.pb").exists() or not (p / "variables").exists():
+                    seen_incomplete.append(p.name)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        jobs.export_trained(state, cfg, arrays)
+    finally:
+        done.set()
+        watcher.join()
+    assert seen_incomplete == []
+
+
+def test_a_failed_check_publishes_nothing(tmp_path, trained, monkeypatch):
+    cfg, state, arrays = trained
+    cfg.model_base_path = str(tmp_path / "models")
+
+    def mismatch(*args, **kwargs):
+        raise export.ExportError("signature 'denoise' output 'reconstruction' differs from the Keras model by 1")
+
+    monkeypatch.setattr(export, "verify_export", mismatch)
+    with pytest.raises(export.ExportError, match="differs"):
+        jobs.export_trained(state, cfg, arrays)
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_verify_export_catches_a_real_mismatch(tmp_path, trained):
+    cfg, state, arrays = trained
+    x = data.scale_to_unit(tf.constant(arrays.x_test[:4])).numpy()
+    export.build_archive(state.encoder, state.decoder, 0.01).write_out(str(tmp_path / "v"), verbose=False)
+    with pytest.raises(export.ExportError, match="score"):
+        export.verify_export(tmp_path / "v", state.encoder, state.decoder, 0.5, x)  # threshold differs
+
+
+def test_export_job_needs_a_trained_workdir(tmp_path):
+    with pytest.raises(ConfigError, match="no config.json"):
+        jobs.export_job(str(tmp_path))
+    TrainConfig(workdir=str(tmp_path)).save(tmp_path)
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        jobs.export_job(str(tmp_path))
