@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from clients.cli import add_client_parser  # light: no TensorFlow import
 
-    add_client_parser(sub)
+    add_client_parser(sub).set_defaults(func=cmd_client)
 
     p = sub.add_parser("plot", help="figures from a workdir (and a model): curves, reconstructions, latents")
     p.add_argument("--workdir", required=True)
@@ -192,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up chatter hides our output
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "serve":  # TF Serving's flags are parsed by the server itself
         return _guarded(lambda: cmd_serve(None, argv[1:]))

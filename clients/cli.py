@@ -1,0 +1,86 @@
+"""`aekit client`: call a model server from the shell.
+
+    aekit client denoise --server localhost:8500 --model autoencoder --input digits/ --output clean/
+    aekit client score --server localhost:8501 --rest --model autoencoder --input x.npy
+    aekit client status --server localhost:8500 --model autoencoder
+
+gRPC by default, REST with --rest. Errors print one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+METHODS = ("encode", "decode", "denoise", "score", "status", "metadata")
+
+
+def add_client_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("client", help="call encode/decode/denoise/score/status/metadata on a server")
+    p.add_argument("method", choices=METHODS)
+    p.add_argument("--server", default="localhost:8500", help="HOST:PORT (the REST port with --rest)")
+    p.add_argument("--model", default="autoencoder")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--version", type=int)
+    which.add_argument("--label")
+    p.add_argument("--rest", action="store_true", help="use TF Serving's REST API instead of gRPC")
+    p.add_argument("--input", help=".npy, a PNG/JPEG image, or a folder of images")
+    p.add_argument("--output", help=".npy, a .png (one image) or a folder for PNGs")
+    p.add_argument("--add-noise", type=float, default=0.0, help="denoise: add Gaussian noise of this std first")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    p.add_argument("--tls", action="store_true", help="gRPC over TLS")
+    p.add_argument("--ca-cert", help="with --tls: PEM file of the CA that signed the server certificate")
+    return p
+
+
+def make_client(args):
+    from clients import AutoencoderClient, RestAutoencoderClient
+
+    common = dict(model=args.model, version=args.version, label=args.label, timeout=args.timeout)
+    if args.rest:
+        return RestAutoencoderClient(args.server, **common)
+    root = open(args.ca_cert, "rb").read() if args.ca_cert else None
+    return AutoencoderClient(args.server, tls=args.tls, root_certificates=root, **common)
+
+
+def run(args: argparse.Namespace) -> int:
+    from clients import io
+    from clients.errors import ClientError
+
+    client = make_client(args)
+    if args.method == "status":
+        print(json.dumps(client.status()))
+        return 0
+    if args.method == "metadata":
+        print(json.dumps({name: {"inputs": {k: list(v.shape) for k, v in s.inputs.items()},
+                                 "outputs": {k: list(v.shape) for k, v in s.outputs.items()}}
+                          for name, s in client.metadata().items() if not name.startswith("__")}))
+        return 0
+    if not args.input:
+        raise ClientError(f"aekit client {args.method} needs --input", "INVALID_ARGUMENT")
+    signature = client.signatures()[args.method] if args.method in client.signatures() else None
+    if signature is None:
+        raise ClientError(f"model {args.model} has no {args.method!r} signature", "INVALID_ARGUMENT")
+    batch = io.load_input(args.input, signature.inputs[signature.input_alias].shape)
+    if args.add_noise > 0:
+        noise = np.random.default_rng(0).normal(0.0, args.add_noise, batch.shape).astype(np.float32)
+        batch = np.clip(batch + noise, 0.0, 1.0)
+    if args.method == "score":
+        result = client.score(batch)
+        for i, (error, flag) in enumerate(zip(result["error"], result["is_anomaly"])):
+            print(f"{i:5d}  error {error:.6f}  {'ANOMALY' if flag else 'ok'}")
+        print(f"threshold {float(result['threshold'][0]):.6f}; {int(np.sum(result['is_anomaly']))} of "
+              f"{len(batch)} flagged")
+        if args.output:
+            io.save_output(np.stack([result["error"], result["is_anomaly"]], axis=1), args.output)
+        return 0
+    output = getattr(client, args.method)(batch)
+    if args.output:
+        written = io.save_output(output, args.output)
+        print(f"wrote {len(written)} file(s) to {args.output}: {args.method} of {len(batch)} input(s), "
+              f"shape {output.shape}")
+    else:
+        print(json.dumps({"shape": list(output.shape), "mean": float(np.mean(output))}))
+    return 0

@@ -1,0 +1,156 @@
+"""Figures a person looks at rather than reads (matplotlib, PNG).
+
+    aekit plot --workdir runs/ae --model-base-path models/autoencoder --output-dir figures
+
+reconstructions.png (originals / latent codes / reconstructions, as in the seed blog),
+denoising.png (noisy / denoised / clean), latent_space.png (2-D PCA of the codes by label),
+training_curves.png (loss, MSE, PSNR per epoch), anomaly_scores.png (error histogram and threshold).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _image(ax, image: np.ndarray, title: str | None = None) -> None:
+    ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0.0, vmax=1.0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=8)
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_reconstructions(originals, latents, reconstructions, path, count: int = 10) -> Path:
+    """Rows: original, latent code (shown as a small image), reconstruction."""
+    count = min(count, len(originals))
+    fig, axes = plt.subplots(3, count, figsize=(1.3 * count, 4.2), squeeze=False)
+    side = math.ceil(math.sqrt(latents.shape[-1]))
+    for i in range(count):
+        _image(axes[0, i], originals[i], "original" if i == 0 else None)
+        code = np.zeros(side * side, np.float32)
+        code[: latents.shape[-1]] = latents[i]
+        span = np.ptp(latents) or 1.0
+        axes[1, i].imshow(((code - latents.min()) / span).reshape(side, side), cmap="viridis")
+        axes[1, i].set_xticks([])
+        axes[1, i].set_yticks([])
+        if i == 0:
+            axes[1, i].set_title(f"latent ({latents.shape[-1]})", fontsize=8)
+        _image(axes[2, i], reconstructions[i], "reconstruction" if i == 0 else None)
+    fig.suptitle("Autoencoder: originals, codes and reconstructions")
+    return _save(fig, Path(path))
+
+
+def plot_denoising(noisy, denoised, clean, path, count: int = 10) -> Path:
+    count = min(count, len(noisy))
+    fig, axes = plt.subplots(3, count, figsize=(1.3 * count, 4.2), squeeze=False)
+    for i in range(count):
+        _image(axes[0, i], noisy[i], "noisy input" if i == 0 else None)
+        _image(axes[1, i], denoised[i], "denoised" if i == 0 else None)
+        _image(axes[2, i], clean[i], "clean" if i == 0 else None)
+    fig.suptitle("Denoising: noisy inputs and the model's outputs")
+    return _save(fig, Path(path))
+
+
+def pca_2d(latents: np.ndarray) -> np.ndarray:
+    centered = latents - latents.mean(axis=0)
+    _, _, components = np.linalg.svd(centered, full_matrices=False)
+    return centered @ components[:2].T
+
+
+def plot_latent_space(latents, labels, path) -> Path:
+    points = pca_2d(np.asarray(latents, np.float64))
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", s=6, alpha=0.8)
+    fig.colorbar(scatter, ax=ax, label="label")
+    ax.set_xlabel("principal component 1")
+    ax.set_ylabel("principal component 2")
+    ax.set_title("Latent space (PCA of the codes), coloured by label")
+    return _save(fig, Path(path))
+
+
+def plot_training_curves(history: list[dict], path) -> Path:
+    epochs = [h["epoch"] for h in history]
+    panels = [("loss", "training loss"), ("mse", "held-out MSE"), ("psnr_db", "held-out PSNR (dB)")]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for ax, (key, title) in zip(axes, panels):
+        ax.plot(epochs, [h.get(key, np.nan) for h in history], marker="o", label=title)
+        if key == "psnr_db" and "denoised_psnr_db" in history[0]:
+            ax.plot(epochs, [h["denoised_psnr_db"] for h in history], marker="s", label="denoised PSNR (dB)")
+            ax.plot(epochs, [h["noisy_psnr_db"] for h in history], linestyle="--", label="noisy input PSNR (dB)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(title)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, Path(path))
+
+
+def plot_score_histogram(normal_errors, threshold: float, path, anomaly_errors=None) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    upper = max(np.max(normal_errors), np.max(anomaly_errors) if anomaly_errors is not None else 0, threshold)
+    bins = np.linspace(0, upper * 1.05, 60)
+    ax.hist(normal_errors, bins=bins, alpha=0.7, label="held-out digits")
+    if anomaly_errors is not None:
+        ax.hist(anomaly_errors, bins=bins, alpha=0.7, label="anomalies (noise images)")
+    ax.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold:.4f}")
+    ax.set_xlabel("reconstruction error (MSE per image)")
+    ax.set_ylabel("count")
+    ax.set_title("Anomaly scores")
+    ax.legend()
+    return _save(fig, Path(path))
+
+
+def plot_workdir(workdir: str, output_dir: str, model_base_path: str | None = None,
+                 dataset: str = "mnist-sample") -> list[Path]:
+    """Training curves from WORKDIR/history.json; with a model, the model figures on the test split."""
+    history_path = Path(workdir) / "history.json"
+    if not history_path.is_file():
+        from training.config import ConfigError
+
+        raise ConfigError(f"{history_path} does not exist; train with --workdir {workdir} first")
+    out = Path(output_dir)
+    written = [plot_training_curves(json.loads(history_path.read_text()), out / "training_curves.png")]
+    if model_base_path:
+        written += plot_saved_model(model_base_path, dataset, out)
+    return written
+
+
+def plot_saved_model(model_base_path: str, dataset: str, out: Path, noise_factor: float = 0.4) -> list[Path]:
+    """Runs the latest exported version in-process on the test split and draws its figures."""
+    import tensorflow as tf
+
+    from training import data
+    from training.evaluate import latest_version_dir
+
+    loaded = tf.saved_model.load(str(latest_version_dir(model_base_path)))
+    arrays = data.load_arrays(dataset)
+    clean = data.scale_to_unit(tf.constant(arrays.x_test)).numpy()
+    call = lambda name, **kw: {k: v.numpy() for k, v in loaded.signatures[name](**kw).items()}  # noqa: E731
+    latents = call("encode", images=clean)["latent"]
+    rng = np.random.default_rng(0)
+    noisy = np.clip(clean + rng.normal(0, noise_factor, clean.shape), 0, 1).astype(np.float32)
+    scores = call("score", images=clean)
+    anomalies = call("score", images=rng.random(clean[:200].shape).astype(np.float32))
+    return [
+        plot_reconstructions(clean, latents, call("decode", latent=latents)["reconstruction"], out / "reconstructions.png"),
+        plot_denoising(noisy, call("denoise", images=noisy)["reconstruction"], clean, out / "denoising.png"),
+        plot_latent_space(latents, arrays.y_test, out / "latent_space.png"),
+        plot_score_histogram(scores["error"], float(scores["threshold"][0]), out / "anomaly_scores.png",
+                             anomalies["error"]),
+    ]
