@@ -57,7 +57,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 TRAIN_ONLY_FLAGS = {"config", "multiworker_local", "indexed_job", "num_workers", "worker_host_pattern",
-                    "worker_port", "func"}
+                    "worker_port", "func", "command"}
 
 
 def train_config_from_args(args: argparse.Namespace):
