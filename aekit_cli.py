@@ -44,6 +44,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-export", dest="export", action="store_false", default=None)
     p.add_argument("--num-logical-devices", type=int, help="split the CPU into N devices (MirroredStrategy)")
     p.add_argument("--collective", help="multi-worker all-reduce: auto | ring | nccl")
+    p.add_argument("--collective-timeout-seconds", type=float, help="fail, not hang, when a worker dies")
     p.add_argument("--checkpoint-every-steps", type=int)
     p.add_argument("--max-examples", type=int, help="keep only the first N training examples")
     p.add_argument("--smoke", action="store_true", default=None, help="a seconds-long run")
@@ -214,9 +215,12 @@ def _guarded(run) -> int:
         return 130
     except Exception as e:  # noqa: BLE001 - typed errors from the libraries are mapped here once
         name = type(e).__name__
-        if name in {"Preempted"}:
+        if name == "Preempted":  # SIGTERM: saved, exit like a terminated process
             print(f"aekit: {e}", file=sys.stderr)
             return 143
+        if name in ("WorkerLost", "ExportError"):
+            print(f"aekit: error: {e}", file=sys.stderr)
+            return 1
         if hasattr(e, "exit_code"):  # clients.errors.ClientError and friends
             print(f"aekit: error: {e}", file=sys.stderr)
             return e.exit_code

@@ -106,12 +106,32 @@ def test_scale_and_noise_eager_and_in_tf_data():
     np.testing.assert_array_equal(noisy.numpy(), again.numpy())  # seeded: a resumed run sees the same batches
 
 
-def test_input_context_shards_and_splits_the_global_batch():
+def test_input_context_takes_its_rows_of_each_global_batch():
     x = np.arange(32, dtype=np.uint8).reshape(32, 1)
     context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1, num_replicas_in_sync=4)
-    noisy, _ = next(iter(data.make_dataset(x, 16, input_context=context, training=False)))
-    assert noisy.shape == (4, 1)  # global 16 over 4 replicas
-    assert (noisy.numpy() * 255).round().astype(int).ravel().tolist() == [1, 3, 5, 7]  # shard 1 of 2
+    batches = [(b[0].numpy() * 255).round().astype(int).ravel().tolist()
+               for b in data.make_dataset(x, 16, input_context=context, training=False).take(2)]
+    assert batches == [[8, 9, 10, 11], [12, 13, 14, 15]]  # global 16 over 4 replicas; pipeline 1 of 2
+
+
+def test_replicas_together_see_exactly_the_single_device_batch():
+    x = np.arange(64, dtype=np.uint8).reshape(64, 1)
+
+    def rows(context):
+        ds = data.make_dataset(x, 16, noise_factor=0.2, seed=3, input_context=context)
+        replicas_here = context.num_replicas_in_sync // context.num_input_pipelines if context else 1
+        return [b[0].numpy() for b in ds.take(replicas_here)]  # one step's batches
+
+    single = rows(None)[0]
+    workers = [tf.distribute.InputContext(2, i, 4) for i in range(2)]
+    union = np.concatenate([np.concatenate(rows(c)) for c in workers])
+    np.testing.assert_array_equal(np.sort(union.ravel()), np.sort(single.ravel()))  # same rows, same noise
+
+
+def test_batch_that_does_not_split_over_replicas_is_an_error():
+    context = tf.distribute.InputContext(1, 0, 3)
+    with pytest.raises(ValueError, match="divisible"):
+        data.make_dataset(np.zeros((32, 1), np.uint8), 16, input_context=context)
 
 
 def test_steps_per_epoch_refuses_a_batch_larger_than_the_data():

@@ -40,6 +40,7 @@ class TrainConfig:
     export: bool = True  # export a new version after training
     num_logical_devices: int = 0  # >1 splits the CPU into N devices to try MirroredStrategy here
     collective: str = "auto"  # multi-worker all-reduce: ring on CPU, nccl on GPUs
+    collective_timeout_seconds: float = 300.0  # a dead peer fails the job after this, instead of a hang
     checkpoint_every_steps: int = 100  # also saved at every epoch end and on SIGTERM
     anomaly_quantile: float = 0.99  # held-out error quantile used as the anomaly threshold
     max_examples: int = 0  # >0 keeps only the first N training examples (smoke runs, tests)

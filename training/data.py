@@ -185,29 +185,36 @@ def make_dataset(x: np.ndarray, batch_size: int, *, noise_factor: float = 0.0, s
                  ) -> tf.data.Dataset:
     """Batches of (noisy, clean) float32 pairs.
 
-    `batch_size` is the GLOBAL batch; with an `input_context` (from the strategy) this pipeline
-    reads only its worker's shard and yields per-replica batches, so one function serves one
-    device, many GPUs and many workers. `seed` decides shuffle order and noise: the trainer passes
-    seed + epoch, so a resumed run sees exactly the batches it would have seen.
+    `batch_size` is the GLOBAL batch. Every pipeline shuffles and batches the same way (seeded)
+    and adds noise to the whole global batch; with an `input_context` (from the strategy) it then
+    keeps only its worker's rows of each global batch, split into per-replica batches. So one
+    function serves one device, many GPUs and many workers, and the union of what the replicas
+    see in a step is exactly the batch one device would see: the same config trains the same
+    model. `seed` is seed + epoch in the trainer, so a resumed run sees the same batches.
     """
-    per_replica = batch_size
     ds = tf.data.Dataset.from_tensor_slices(x)
-    if input_context is not None:
-        per_replica = input_context.get_per_replica_batch_size(batch_size)
-        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
     ds = ds.map(scale_to_unit, num_parallel_calls=tf.data.AUTOTUNE).cache()
     if training:
-        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=False)
-    # Whole training batches only: every replica then sees the same per-replica batch size.
-    ds = ds.batch(per_replica, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE)
-    if training:
-        # Workers' shards can differ by a batch; repeating lets every worker take exactly
-        # steps_per_epoch steps, which collective all-reduces require.
-        ds = ds.repeat()
+        # repeat: every worker must take exactly steps_per_epoch steps (collectives require it)
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=False).repeat()
+    ds = ds.batch(batch_size, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.enumerate().map(
         lambda i, batch: add_noise(batch, noise_factor, tf.stack([tf.cast(seed, tf.int64), i])),
         num_parallel_calls=tf.data.AUTOTUNE)
+    if input_context is not None and input_context.num_replicas_in_sync > 1:
+        ds = _this_workers_rows(ds, batch_size, input_context)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _this_workers_rows(ds: tf.data.Dataset, batch_size: int, context: tf.distribute.InputContext
+                       ) -> tf.data.Dataset:
+    """Keeps this input pipeline's slice of every global batch, as per-replica batches."""
+    per_replica = context.get_per_replica_batch_size(batch_size)  # raises if it does not divide
+    per_pipeline = batch_size // context.num_input_pipelines
+    start = context.input_pipeline_id * per_pipeline
+    ds = ds.map(lambda noisy, clean: (noisy[start:start + per_pipeline], clean[start:start + per_pipeline]),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.rebatch(per_replica)
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:

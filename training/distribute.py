@@ -17,10 +17,6 @@ import tensorflow as tf
 
 from training.config import ConfigError
 
-# A dead peer must fail the collective instead of hanging the job forever.
-COLLECTIVE_TIMEOUT_SECONDS = 120
-
-
 def configure_logical_devices(count: int) -> None:
     """Splits the CPU into `count` logical devices. Must run before TensorFlow initialises."""
     if count <= 1:
@@ -81,11 +77,12 @@ def num_workers(tf_config: dict | None) -> int:
     return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
 
 
-def make_strategy(num_logical_devices: int = 0, collective: str = "auto") -> tf.distribute.Strategy:
+def make_strategy(num_logical_devices: int = 0, collective: str = "auto",
+                  collective_timeout_seconds: float = 300.0) -> tf.distribute.Strategy:
     """Picks the strategy from TF_CONFIG and the visible devices (see module doc)."""
     tf_config = read_tf_config()
     if num_workers(tf_config) > 1:
-        return _multi_worker_strategy(collective)
+        return _multi_worker_strategy(collective, collective_timeout_seconds)
     gpus = tf.config.list_physical_devices("GPU")
     if len(gpus) > 1:
         return tf.distribute.MirroredStrategy()
@@ -96,7 +93,7 @@ def make_strategy(num_logical_devices: int = 0, collective: str = "auto") -> tf.
     return tf.distribute.get_strategy()
 
 
-def _multi_worker_strategy(collective: str) -> tf.distribute.Strategy:
+def _multi_worker_strategy(collective: str, timeout_seconds: float) -> tf.distribute.Strategy:
     implementation = {
         "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
         "ring": tf.distribute.experimental.CommunicationImplementation.RING,
@@ -105,7 +102,7 @@ def _multi_worker_strategy(collective: str) -> tf.distribute.Strategy:
     if collective == "nccl" and not tf.config.list_physical_devices("GPU"):
         raise ConfigError("--collective nccl needs GPUs; use ring (or auto) on CPU")
     options = tf.distribute.experimental.CommunicationOptions(
-        implementation=implementation, timeout_seconds=COLLECTIVE_TIMEOUT_SECONDS)
+        implementation=implementation, timeout_seconds=timeout_seconds)  # a dead peer fails, not hangs
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
 
 

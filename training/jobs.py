@@ -5,6 +5,7 @@ Each reads top to bottom: build what it needs from a config, run it, say where t
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +20,23 @@ SAMPLE_IMAGES = 8  # held-out examples used to check the export and to write war
 
 def train_job(cfg: TrainConfig) -> dict:
     """Trains (resuming from cfg.workdir) and, on the chief, exports a new version."""
-    strategy = distribute.make_strategy(cfg.num_logical_devices, cfg.collective)
+    strategy = distribute.make_strategy(cfg.num_logical_devices, cfg.collective, cfg.collective_timeout_seconds)
     arrays = data.load_arrays(cfg.dataset, cfg.data_dir, cfg.download)
     state, history = train.train_and_evaluate(cfg, arrays, strategy)
-    result = {"workdir": cfg.workdir, "step": int(state.step.numpy()), **(history[-1] if history else {})}
+    result = {"workdir": cfg.workdir, "step": int(state.step.numpy()), "task": distribute.task_name(strategy),
+              "weights_sha256": weights_fingerprint(state), **(history[-1] if history else {})}
     if cfg.export and state.is_chief:
         result["export"] = str(export_trained(state, cfg, arrays))
         print(f"exported {result['export']}", flush=True)
     return result
+
+
+def weights_fingerprint(state: train.TrainState) -> str:
+    """A hash of every weight: equal on all workers when synchronous training kept them in step."""
+    digest = hashlib.sha256()
+    for variable in state.autoencoder.weights:
+        digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
+    return digest.hexdigest()
 
 
 def export_trained(state: train.TrainState, cfg: TrainConfig, arrays: data.Arrays) -> Path:

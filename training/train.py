@@ -32,6 +32,15 @@ class Preempted(RuntimeError):
     """Raised after a SIGTERM once every worker has saved a checkpoint; rerun to resume."""
 
 
+class WorkerLost(RuntimeError):
+    """A collective failed because a peer died or became unreachable; rerun the job to resume."""
+
+
+# What a collective raises when a peer is gone: the step cannot finish on this worker either.
+PEER_FAILURES = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
+                 tf.errors.AbortedError)
+
+
 @dataclasses.dataclass
 class TrainState:
     """Everything the loop and the exporter share: strategy, models, optimizer, checkpointing."""
@@ -141,7 +150,7 @@ def train_and_evaluate(cfg: TrainConfig, arrays: data.Arrays | None = None,
 
     Raises Preempted, after saving a checkpoint, when SIGTERM arrives (or `stop` says so).
     """
-    strategy = strategy or distribute.make_strategy(cfg.num_logical_devices, cfg.collective)
+    strategy = strategy or distribute.make_strategy(cfg.num_logical_devices, cfg.collective, cfg.collective_timeout_seconds)
     arrays = arrays or data.load_arrays(cfg.dataset, cfg.data_dir, cfg.download)
     x_train = arrays.x_train[: cfg.max_examples] if cfg.max_examples else arrays.x_train
     steps = data.steps_per_epoch(len(x_train), cfg.batch_size)
@@ -178,7 +187,14 @@ def _run_epoch(cfg, state: TrainState, train_step, x_train, epoch: int, steps: i
     bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
                disable=not (sys.stderr.isatty() and state.is_chief), leave=False)
     for _ in range(done, steps):
-        loss, votes = train_step(iterator, tf.constant(1.0 if stop.requested else 0.0))
+        try:
+            loss, votes = train_step(iterator, tf.constant(1.0 if stop.requested else 0.0))
+        except PEER_FAILURES as e:
+            last = tf.train.latest_checkpoint(str(Path(cfg.workdir) / "checkpoints")) or "none yet"
+            raise WorkerLost(f"{distribute.task_name(state.strategy)}: a peer worker failed or is unreachable "
+                             f"during step {int(state.step.numpy()) + 1} ({type(e).__name__}: "
+                             f"{e.message.splitlines()[0][:200]}); restart the job to resume from the last "
+                             f"checkpoint ({last})") from None
         total, count = total + float(loss), count + 1
         bar.set_postfix(loss=f"{float(loss):.4f}")
         bar.update()
