@@ -46,6 +46,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--collective", help="multi-worker all-reduce: auto | ring | nccl")
     p.add_argument("--collective-timeout-seconds", type=float, help="fail, not hang, when a worker dies")
     p.add_argument("--checkpoint-every-steps", type=int)
+    p.add_argument("--steps-per-loop", type=int, help="training steps per tf.function call")
     p.add_argument("--max-examples", type=int, help="keep only the first N training examples")
     p.add_argument("--smoke", action="store_true", default=None, help="a seconds-long run")
     p.add_argument("--multiworker-local", type=int, metavar="N",

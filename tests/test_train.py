@@ -35,7 +35,7 @@ def one_step_weights(cfg, arrays, strategy):
     dataset = strategy.distribute_datasets_from_function(
         lambda ctx: data.make_dataset(arrays.x_train, cfg.batch_size, seed=cfg.seed, input_context=ctx))
     initial = [v.numpy() for v in state.autoencoder.trainable_variables]
-    step(iter(dataset), tf.constant(0.0))
+    step(iter(dataset), tf.constant(0.0), tf.constant(1))
     return initial, [v.numpy() for v in state.autoencoder.trainable_variables]
 
 
@@ -53,7 +53,7 @@ def test_one_step_on_two_devices_equals_one_device(tmp_path, small_arrays):
 
 
 class StopAtStep(train.StopSignal):
-    """Behaves like a SIGTERM arriving before step `n`."""
+    """Behaves like a SIGTERM arriving during training call `n + 1` (calls end on checkpoint steps)."""
 
     def __init__(self, n):
         super().__init__()
@@ -76,7 +76,7 @@ def test_interrupted_run_resumes_at_the_right_step_and_matches(tmp_path, small_a
 
     cfg = cfg_for(tmp_path / "b")
     with pytest.raises(train.Preempted, match="step 6"):
-        train.train_and_evaluate(cfg, small_arrays, tf.distribute.get_strategy(), stop=StopAtStep(5))
+        train.train_and_evaluate(cfg, small_arrays, tf.distribute.get_strategy(), stop=StopAtStep(2))
     assert tf.train.latest_checkpoint(f"{cfg.workdir}/checkpoints").endswith("ckpt-6")
     resumed, history = train.train_and_evaluate(cfg, small_arrays, tf.distribute.get_strategy())
     assert int(resumed.step.numpy()) == 2 * steps

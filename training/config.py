@@ -42,6 +42,7 @@ class TrainConfig:
     collective: str = "auto"  # multi-worker all-reduce: ring on CPU, nccl on GPUs
     collective_timeout_seconds: float = 300.0  # a dead peer fails the job after this, instead of a hang
     checkpoint_every_steps: int = 100  # also saved at every epoch end and on SIGTERM
+    steps_per_loop: int = 20  # steps per tf.function call: fewer Python round trips; SIGTERM is seen between calls
     anomaly_quantile: float = 0.99  # held-out error quantile used as the anomaly threshold
     max_examples: int = 0  # >0 keeps only the first N training examples (smoke runs, tests)
     smoke: bool = False  # seconds-long run: 1 epoch on 512 examples
@@ -63,6 +64,7 @@ class TrainConfig:
         _check_positive("latent-dim", self.latent_dim)
         _check_positive("learning-rate", self.learning_rate)
         _check_positive("checkpoint-every-steps", self.checkpoint_every_steps)
+        _check_positive("steps-per-loop", self.steps_per_loop)
         if not 0.0 <= self.noise_factor <= 1.0:
             raise ConfigError(f"--noise-factor must be in [0, 1], got {self.noise_factor}")
         if not 0.5 <= self.anomaly_quantile < 1.0:

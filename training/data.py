@@ -172,49 +172,58 @@ def scale_to_unit(x: tf.Tensor) -> tf.Tensor:
     return tf.cast(x, tf.float32)
 
 
-def add_noise(clean: tf.Tensor, noise_factor: float, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """(noisy, clean): Gaussian noise on a whole batch at once, clipped to [0, 1] as in the seed blog."""
-    if noise_factor <= 0:
-        return clean, clean
-    noise = tf.random.stateless_normal(tf.shape(clean), seed=seed, dtype=clean.dtype)
-    return tf.clip_by_value(clean + noise_factor * noise, 0.0, 1.0), clean
-
-
 def make_dataset(x: np.ndarray, batch_size: int, *, noise_factor: float = 0.0, seed: int = 0,
-                 training: bool = True, input_context: tf.distribute.InputContext | None = None
-                 ) -> tf.data.Dataset:
+                 training: bool = True, input_context: tf.distribute.InputContext | None = None,
+                 skip_batches: int = 0) -> tf.data.Dataset:
     """Batches of (noisy, clean) float32 pairs.
 
-    `batch_size` is the GLOBAL batch. Every pipeline shuffles and batches the same way (seeded)
-    and adds noise to the whole global batch; with an `input_context` (from the strategy) it then
-    keeps only its worker's rows of each global batch, split into per-replica batches. So one
-    function serves one device, many GPUs and many workers, and the union of what the replicas
-    see in a step is exactly the batch one device would see: the same config trains the same
-    model. `seed` is seed + epoch in the trainer, so a resumed run sees the same batches.
+    `batch_size` is the GLOBAL batch. Every pipeline shuffles the same way (seeded) and draws
+    noise for the whole global batch; with an `input_context` (from the strategy) it keeps only
+    its worker's rows of each global batch, split into per-replica batches. So one function
+    serves one device, many GPUs and many workers, and the union of what the replicas see in a
+    step is exactly the batch one device would see: the same config trains the same model.
+    `seed` is seed + epoch in the trainer and `skip_batches` the steps already done, so a
+    resumed run sees the same batches.
+
+    Speed: the examples stay in memory (the cache) and the pipeline shuffles their indices, then
+    gathers, scales and adds noise to a whole batch at once: per-batch work, never per-example.
     """
-    ds = tf.data.Dataset.from_tensor_slices(x)
-    ds = ds.map(scale_to_unit, num_parallel_calls=tf.data.AUTOTUNE).cache()
-    if training:
-        # repeat: every worker must take exactly steps_per_epoch steps (collectives require it)
-        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=False).repeat()
-    ds = ds.batch(batch_size, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.enumerate().map(
-        lambda i, batch: add_noise(batch, noise_factor, tf.stack([tf.cast(seed, tf.int64), i])),
-        num_parallel_calls=tf.data.AUTOTUNE)
-    if input_context is not None and input_context.num_replicas_in_sync > 1:
-        ds = _this_workers_rows(ds, batch_size, input_context)
+    examples = tf.constant(x)
+    start, rows, per_replica = _slice_for(batch_size, input_context)
+    ds = _index_batches(len(x), batch_size, seed, training).enumerate().skip(skip_batches)
+
+    def load_batch(i, indices):
+        clean = scale_to_unit(tf.gather(examples, indices[start:start + rows]))
+        if noise_factor <= 0:
+            return clean, clean
+        global_shape = tf.concat([tf.shape(indices), tf.shape(examples)[1:]], axis=0)
+        noise = tf.random.stateless_normal(global_shape, seed=tf.stack([tf.cast(seed, tf.int64), i]))
+        return tf.clip_by_value(clean + noise_factor * noise[start:start + rows], 0.0, 1.0), clean
+
+    ds = ds.map(load_batch, num_parallel_calls=tf.data.AUTOTUNE)
+    if per_replica != rows:
+        ds = ds.rebatch(per_replica)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def _this_workers_rows(ds: tf.data.Dataset, batch_size: int, context: tf.distribute.InputContext
-                       ) -> tf.data.Dataset:
-    """Keeps this input pipeline's slice of every global batch, as per-replica batches."""
+def _index_batches(count: int, batch_size: int, seed: int, training: bool) -> tf.data.Dataset:
+    """Batches of example indices: a seeded permutation cut into whole batches when training
+    (repeated, because every worker must take exactly steps_per_epoch steps), in order otherwise.
+    One element per batch keeps tf.data's per-element cost off the hot path."""
+    if not training:
+        return tf.data.Dataset.range(count).batch(batch_size)
+    steps = count // batch_size
+    order = tf.random.experimental.stateless_shuffle(tf.range(count, dtype=tf.int64), seed=[seed, 0])
+    return tf.data.Dataset.from_tensor_slices(tf.reshape(order[: steps * batch_size], [steps, batch_size])).repeat()
+
+
+def _slice_for(batch_size: int, context: tf.distribute.InputContext | None) -> tuple[int, int, int]:
+    """(first row, rows, per-replica batch) of each global batch that this input pipeline feeds."""
+    if context is None or context.num_replicas_in_sync == 1:
+        return 0, batch_size, batch_size
     per_replica = context.get_per_replica_batch_size(batch_size)  # raises if it does not divide
-    per_pipeline = batch_size // context.num_input_pipelines
-    start = context.input_pipeline_id * per_pipeline
-    ds = ds.map(lambda noisy, clean: (noisy[start:start + per_pipeline], clean[start:start + per_pipeline]),
-                num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.rebatch(per_replica)
+    rows = batch_size // context.num_input_pipelines
+    return context.input_pipeline_id * rows, rows, per_replica
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:

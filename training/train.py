@@ -98,10 +98,14 @@ def save_checkpoint(state: TrainState) -> None:
 
 
 def make_train_step(state: TrainState, loss_kind: str, global_batch: int):
-    """A tf.function running one synchronous step on every replica; returns (loss, stop votes)."""
+    """A tf.function running `num_steps` synchronous steps on every replica.
+
+    Returns (mean loss, stop votes). Several steps per call keep Python off the hot path
+    (like Keras' steps_per_execution); the loop stays inside one graph on every strategy.
+    """
     strategy, autoencoder, optimizer = state.strategy, state.autoencoder, state.optimizer
 
-    def replica_step(batch, stop_vote):
+    def replica_step(batch):
         noisy, clean = batch
         with tf.GradientTape() as tape:
             reconstruction = autoencoder(noisy, training=True)
@@ -109,18 +113,21 @@ def make_train_step(state: TrainState, loss_kind: str, global_batch: int):
                                               global_batch_size=global_batch)
         grads = tape.gradient(loss, autoencoder.trainable_variables)
         optimizer.apply_gradients(zip(grads, autoencoder.trainable_variables))
-        return loss, tf.identity(stop_vote)  # a per-replica value, so it can be all-reduced
+        return loss
 
     @tf.function
-    def train_step(iterator, stop_vote):
-        # The SIGTERM vote rides on the loss all-reduce: any worker told to stop stops them all
-        # at the same step, so their checkpoints agree.
-        loss, votes = strategy.run(replica_step, args=(next(iterator), stop_vote))
-        state.step.assign_add(1)
-        return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
-                strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None))
+    def train_steps(iterator, stop_vote, num_steps):
+        total = tf.constant(0.0)
+        for _ in tf.range(num_steps):
+            loss = strategy.run(replica_step, args=(next(iterator),))
+            total += strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+            state.step.assign_add(1)
+        # SIGTERM vote: all-reduced, so a worker told to stop stops them all at the same step and
+        # their checkpoints agree. tf.identity makes it a per-replica value that can be reduced.
+        votes = strategy.run(tf.identity, args=(stop_vote,))
+        return total / tf.cast(num_steps, tf.float32), strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None)
 
-    return train_step
+    return train_steps
 
 
 class StopSignal:
@@ -175,34 +182,34 @@ def train_and_evaluate(cfg: TrainConfig, arrays: data.Arrays | None = None,
     return state, history
 
 
-def _run_epoch(cfg, state: TrainState, train_step, x_train, epoch: int, steps: int, stop) -> float:
+def _run_epoch(cfg, state: TrainState, train_steps, x_train, epoch: int, steps: int, stop) -> float:
+    done = int(state.step.numpy()) - epoch * steps  # > 0 when resuming mid-epoch
     dataset = state.strategy.distribute_datasets_from_function(
         lambda ctx: data.make_dataset(x_train, cfg.batch_size, noise_factor=cfg.noise_factor,
-                                      seed=cfg.seed + epoch, input_context=ctx))
+                                      seed=cfg.seed + epoch, input_context=ctx, skip_batches=done))
     iterator = iter(dataset)
-    done = int(state.step.numpy()) - epoch * steps
-    for _ in range(done):  # resumed mid-epoch: skip the batches already trained on
-        next(iterator)
     total, count = 0.0, 0
     bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
                disable=not (sys.stderr.isatty() and state.is_chief), leave=False)
-    for _ in range(done, steps):
+    while done < steps:
+        step = int(state.step.numpy())
+        # Calls end on checkpoint steps, so checkpoints land exactly every checkpoint_every_steps.
+        chunk = min(cfg.steps_per_loop, steps - done, cfg.checkpoint_every_steps - step % cfg.checkpoint_every_steps)
         try:
-            loss, votes = train_step(iterator, tf.constant(1.0 if stop.requested else 0.0))
+            loss, votes = train_steps(iterator, tf.constant(1.0 if stop.requested else 0.0), tf.constant(chunk))
         except PEER_FAILURES as e:
             last = tf.train.latest_checkpoint(str(Path(cfg.workdir) / "checkpoints")) or "none yet"
             raise WorkerLost(f"{distribute.task_name(state.strategy)}: a peer worker failed or is unreachable "
-                             f"during step {int(state.step.numpy()) + 1} ({type(e).__name__}: "
-                             f"{e.message.splitlines()[0][:200]}); restart the job to resume from the last "
-                             f"checkpoint ({last})") from None
-        total, count = total + float(loss), count + 1
+                             f"after step {step} ({type(e).__name__}: {e.message.splitlines()[0][:200]}); "
+                             f"restart the job to resume from the last checkpoint ({last})") from None
+        done, step = done + chunk, step + chunk
+        total, count = total + float(loss) * chunk, count + chunk
         bar.set_postfix(loss=f"{float(loss):.4f}")
-        bar.update()
-        step = int(state.step.numpy())
+        bar.update(chunk)
         if float(votes) > 0:
             save_checkpoint(state)
             raise Preempted(f"stopped by SIGTERM at step {step}; checkpoint saved, rerun to resume")
-        if step % cfg.checkpoint_every_steps == 0 or step % steps == 0:
+        if step % cfg.checkpoint_every_steps == 0 or done == steps:
             save_checkpoint(state)
     bar.close()
     return total / max(count, 1)
