@@ -53,7 +53,7 @@ class ServerConfig:
     rest_api_port: int = 0  # 0 = REST off (as TF Serving); -1 picks a free port
     rest_api_timeout_in_ms: int = 30000  # per REST request
     rest_api_num_threads: int = 0  # accepted for compatibility; the REST server uses a thread per connection
-    grpc_max_threads: int = 0  # 0 = 4 x CPU cores
+    grpc_max_threads: int = 0  # 0 = 4 x CPU cores, and with batching enough to fill the batches
     grpc_channel_arguments: str = ""  # k=v,k2=v2 server channel options
     model_name: str = "default"
     model_base_path: str = ""
@@ -160,6 +160,7 @@ class EmbeddedServer:
             except ValueError as e:
                 raise config_files.ConfigFileError(f"{cfg.batching_parameters_file}: {e}") from None
             batcher = BatchScheduler(options, self.metrics.observe_batch)
+        self.batching_options = batcher.options if batcher else None
         self.manager = ModelManager(on_event=self._on_event)
         self.core = DataPlane(self.manager, self.metrics, batcher)
         if cfg.enable_model_warmup:
@@ -179,10 +180,19 @@ class EmbeddedServer:
         cfg = self.cfg
         addresses = [f"{cfg.host}:{cfg.port}"] + ([f"unix:{cfg.grpc_socket_path}"] if cfg.grpc_socket_path else [])
         server, health, ports = build_grpc_server(self.core, addresses, channel_options(cfg),
-                                                  cfg.grpc_max_threads or 4 * (os.cpu_count() or 1),
+                                                  cfg.grpc_max_threads or self._default_grpc_threads(),
                                                   cfg.enable_grpc_healthcheck_service, server_credentials(cfg))
         self.grpc_port = ports[0]
         return server, health
+
+    def _default_grpc_threads(self) -> int:
+        # Each gRPC thread blocks while its request waits in a batch: with too few threads the
+        # batches could never fill, so leave room for every batch thread's full batch.
+        threads = 4 * (os.cpu_count() or 1)
+        if self.batching_options:
+            options = self.batching_options
+            threads = max(threads, options.max_batch_size * options.num_batch_threads + threads)
+        return min(threads, 1024)
 
     def _on_event(self, event: str, name: str, version: int) -> None:
         if event in ("load", "unload", "load_failure"):

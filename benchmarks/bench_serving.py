@@ -1,0 +1,143 @@
+"""Serving latency and throughput for the autoencoder's `denoise` on 28x28 images, side by side:
+
+    python -m benchmarks.bench_serving            # or: make bench
+    # in-process signature calls (the ceiling) | gRPC | REST, batch 1 and 64, concurrency 1/16/64,
+    # server batching off and on; server memory after 1,000 vs 100,000 requests
+
+Targets: single-image gRPC p50 at most 1 ms above the in-process call; with batching on, 64
+concurrent single-image gRPC clients get >= 2x the throughput of batching off; server memory
+after 100,000 requests within 10 % of after 1,000. The load generator runs on the same 2 cores
+as the server, so absolute numbers are pessimistic; compare the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from concurrent import futures
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from clients import loadtest
+from tests.server_process import running_server
+from training import export, models
+
+MODEL = "autoencoder"
+# One batch thread: on 2 shared cores a second model call in parallel only adds contention.
+BATCHING = "max_batch_size { value: 64 }\nbatch_timeout_micros { value: 2000 }\nnum_batch_threads { value: 1 }\n" \
+           "max_enqueued_batches { value: 1000 }\n"
+
+
+def export_model(base: Path) -> Path:
+    """An (untrained) conv autoencoder: latency does not depend on the weights."""
+    encoder, decoder = models.build_autoencoder("conv", (28, 28, 1), 128)
+    sample = np.random.default_rng(0).random((8, 28, 28, 1)).astype(np.float32)
+    return export.export_version(encoder, decoder, base, 0.02, sample)
+
+
+def in_process(version_dir: Path, batch: int, concurrency: int, requests: int) -> dict:
+    denoise = tf.saved_model.load(str(version_dir)).signatures["denoise"]
+    images = tf.constant(np.random.default_rng(0).random((batch, 28, 28, 1)).astype(np.float32))
+    for _ in range(20):
+        denoise(images=images)
+
+    def call(_):
+        t0 = time.perf_counter()
+        denoise(images=images)["reconstruction"].numpy()
+        return time.perf_counter() - t0
+
+    started = time.perf_counter()
+    with futures.ThreadPoolExecutor(concurrency) as pool:
+        latencies = np.array(list(pool.map(call, range(requests)))) * 1000
+    elapsed = time.perf_counter() - started
+    return {"protocol": "in-process", "batch_size": batch, "concurrency": concurrency, "requests": requests,
+            "errors": 0, "throughput_rps": requests / elapsed, "rows_per_s": requests * batch / elapsed,
+            "latency_ms": {"p50": float(np.percentile(latencies, 50)), "p99": float(np.percentile(latencies, 99))}}
+
+
+def server_rows(server, batching: bool, requests: int, duration: float) -> list[dict]:
+    rows = []
+    for protocol, address in (("grpc", server.grpc_address), ("rest", f"127.0.0.1:{server.rest_port}")):
+        for batch in (1, 64):
+            for concurrency in (1, 16, 64):
+                report = loadtest.run(loadtest.LoadConfig(
+                    server=address, model=MODEL, rest=protocol == "rest", concurrency=concurrency,
+                    requests=requests if batch == 1 else requests // 4, duration=duration, batch_size=batch))
+                report["batching"] = batching
+                rows.append(report)
+                print(f"  {protocol:4s} batching {'on ' if batching else 'off'} batch {batch:2d} conc {concurrency:2d}: "
+                      f"{report['throughput_rps']:8.1f} req/s  p50 {report['latency_ms']['p50']:7.2f} ms  "
+                      f"p99 {report['latency_ms']['p99']:7.2f} ms  errors {report['errors']}", flush=True)
+    return rows
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def memory_growth(server, total: int) -> dict:
+    """RSS after 1,000 requests and after `total`, single-image gRPC at concurrency 16."""
+    load = lambda n: loadtest.run(loadtest.LoadConfig(server=server.grpc_address, model=MODEL,  # noqa: E731
+                                                      concurrency=16, requests=n, duration=3600))
+    load(1000)
+    after_1k = rss_mib(server.proc.pid)
+    load(total - 1000)
+    after_total = rss_mib(server.proc.pid)
+    return {"rss_mib_after_1000": after_1k, f"rss_mib_after_{total}": after_total,
+            "growth_ratio": after_total / after_1k}
+
+
+def run(output_dir: str = "bench-output", requests: int = 2000, duration: float = 8.0,
+        memory_requests: int = 100_000) -> dict:
+    out = Path(output_dir)
+    root = out / "serving"
+    version = export_model(root / "models")
+    rows = [in_process(version, b, c, requests if b == 1 else requests // 4) for b in (1, 64) for c in (1, 16)]
+    for row in rows:
+        print(f"  in-process batch {row['batch_size']:2d} conc {row['concurrency']:2d}: {row['throughput_rps']:8.1f} "
+              f"req/s  p50 {row['latency_ms']['p50']:7.2f} ms  p99 {row['latency_ms']['p99']:7.2f} ms", flush=True)
+    flags = [f"--model_name={MODEL}", f"--model_base_path={version.parent}"]
+    with running_server(flags, root / "server-off.log", [MODEL]) as server:
+        rows += server_rows(server, False, requests, duration)
+        memory = memory_growth(server, memory_requests)
+    (root / "batching.config").write_text(BATCHING)
+    with running_server(flags + ["--enable_batching", f"--batching_parameters_file={root / 'batching.config'}"],
+                        root / "server-on.log", [MODEL]) as server:
+        rows += server_rows(server, True, requests, duration)
+
+    def find(protocol, batch, concurrency, batching=None):
+        return next(r for r in rows if r["protocol"] == protocol and r["batch_size"] == batch
+                    and r["concurrency"] == concurrency and r.get("batching", batching) == batching)
+
+    ceiling = find("in-process", 1, 1)
+    grpc_single = find("grpc", 1, 1, False)
+    report = {
+        "rows": rows, "memory": memory,
+        "grpc_p50_minus_in_process_ms": grpc_single["latency_ms"]["p50"] - ceiling["latency_ms"]["p50"],
+        "batching_throughput_gain_64_clients": find("grpc", 1, 64, True)["throughput_rps"]
+        / find("grpc", 1, 64, False)["throughput_rps"],
+    }
+    print(f"single-image gRPC p50 - in-process p50: {report['grpc_p50_minus_in_process_ms']:.2f} ms (goal <= 1)")
+    print(f"batching on / off, 64 concurrent single-image gRPC clients: "
+          f"{report['batching_throughput_gain_64_clients']:.2f}x (goal >= 2)")
+    print(f"server RSS after 1,000 requests {memory['rss_mib_after_1000']:.1f} MiB, after {memory_requests:,}: "
+          f"{memory[f'rss_mib_after_{memory_requests}']:.1f} MiB (ratio {memory['growth_ratio']:.3f}, goal <= 1.10)")
+    (out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output-dir", default="bench-output")
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--memory-requests", type=int, default=100_000)
+    args = parser.parse_args()
+    run(args.output_dir, args.requests, args.duration, args.memory_requests)
