@@ -15,7 +15,6 @@ import asyncio
 import collections
 import dataclasses
 import http.client
-import json
 import threading
 import time
 
@@ -124,7 +123,9 @@ async def _run_grpc(cfg: LoadConfig, batch: np.ndarray, recorder: _Recorder, dea
 
 def _run_rest(cfg: LoadConfig, batch: np.ndarray, recorder: _Recorder, deadline: float) -> None:
     host, _, port = cfg.server.removeprefix("http://").rpartition(":")
-    body = json.dumps({"signature_name": cfg.signature, "instances": batch.tolist()}).encode()
+    from serving.tensors import dumps
+
+    body = dumps({"signature_name": cfg.signature, "instances": batch})
     path = f"/v1/models/{cfg.model}:predict"
 
     def worker():

@@ -19,7 +19,7 @@ import numpy as np
 
 from clients.base import BaseClient, ModelRef, Signature, signatures_from_json
 from clients.errors import HTTP_TO_CODE, ClientError
-from serving.tensors import ndarray_to_json
+from serving.tensors import dumps, loads, ndarray_to_json
 
 
 class RestAutoencoderClient(BaseClient):
@@ -44,7 +44,7 @@ class RestAutoencoderClient(BaseClient):
 
     def request(self, method: str, path: str, body: dict | None = None) -> dict:
         """One JSON call with retries on 503 and on connection failures."""
-        payload = None if body is None else json.dumps(body).encode()
+        payload = None if body is None else dumps(body)
         delay = self.backoff
         for attempt in range(self.retries + 1):
             try:
@@ -98,7 +98,7 @@ class RestAutoencoderClient(BaseClient):
 
 def _decode(status: int, text: bytes) -> dict:
     try:
-        body = json.loads(text)
+        body = loads(text)
     except json.JSONDecodeError:
         body = {"error": text.decode(errors="replace")[:200]}
     if status != 200:

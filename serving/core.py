@@ -30,7 +30,13 @@ from serving.batching import BatchScheduler
 from serving.errors import ServingError, invalid_argument
 from serving.manager import ModelManager
 from serving.metrics import ServerMetrics
-from serving.servable import DEFAULT_SIGNATURE, LoadError, Servable, check_inputs, squeeze_lenient_outputs
+from serving.servable import (
+    DEFAULT_SIGNATURE,
+    LoadError,
+    Servable,
+    check_inputs,
+    squeeze_lenient_outputs,
+)
 from serving.tensors import proto_to_ndarray
 
 CLASSIFY_METHOD = "tensorflow/serving/classify"

@@ -26,8 +26,8 @@ from tensorflow_serving.apis import (
     prediction_service_pb2,
     prediction_service_pb2_grpc,
     regression_pb2,
+    status_pb2,
 )
-from tensorflow_serving.apis import status_pb2
 
 from serving.core import DataPlane
 from serving.errors import ServingError

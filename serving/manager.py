@@ -123,7 +123,7 @@ class ModelManager:
     def _check_labels(self) -> None:
         with self._lock:
             for entry in self._models.values():
-                for label, version in entry.config.version_labels.items():
+                for version in entry.config.version_labels.values():
                     state = entry.versions.get(version)
                     if state is None or state.state != State.AVAILABLE:
                         raise failed_precondition(

@@ -27,7 +27,7 @@ from serving.core import DataPlane
 from serving.errors import ServingError, invalid_argument
 from serving.grpc_server import status_response
 from serving.servable import DEFAULT_SIGNATURE
-from serving.tensors import decode_strings, json_to_ndarray, ndarray_to_json
+from serving.tensors import decode_strings, dumps, json_to_ndarray, loads, ndarray_to_json
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +77,12 @@ class RestApi:
         try:
             if method == "GET" and self.metrics_path and path == self.metrics_path:
                 return 200, "text/plain; version=0.0.4", self.core.metrics.exposition()
-            return 200, "application/json", json.dumps(self._route(method, path, body)).encode()
+            return 200, "application/json", dumps(self._route(method, path, body))
         except ServingError as e:
-            return e.http_status, "application/json", json.dumps({"error": e.message}).encode()
+            return e.http_status, "application/json", dumps({"error": e.message})
         except Exception as e:  # noqa: BLE001 - a server bug is a 500, not a dropped connection
             log.exception("internal error on %s %s", method, path)
-            return 500, "application/json", json.dumps({"error": f"internal error: {e}"}).encode()
+            return 500, "application/json", dumps({"error": f"internal error: {e}"})
 
     def _route(self, method: str, path: str, body: bytes):
         if method == "POST" and (m := PREDICT_RE.fullmatch(path)):
@@ -132,7 +132,7 @@ class RestApi:
 
 def _parse_json(body: bytes) -> dict:
     try:
-        value = json.loads(body or b"null")
+        value = loads(body or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise invalid_argument(f"JSON Parse error: {e}") from None
     if not isinstance(value, dict):
@@ -180,11 +180,11 @@ def _row_outputs(outputs: dict[str, np.ndarray]) -> list:
     if len(set(sizes.values())) != 1 or None in sizes.values():
         raise invalid_argument(f"Tensors in 'predictions' must have the same 0th dimension; got {sizes}. "
                                "Use the columnar format ('inputs') for this signature.")
-    encoded = {k: ndarray_to_json(v, k) for k, v in outputs.items()}
-    if len(encoded) == 1:
-        return next(iter(encoded.values()))
+    if len(outputs) == 1:
+        alias, value = next(iter(outputs.items()))
+        return ndarray_to_json(value, alias)
     count = next(iter(sizes.values()))
-    return [{k: encoded[k][i] for k in encoded} for i in range(count)]
+    return [{k: ndarray_to_json(v[i], k) for k, v in outputs.items()} for i in range(count)]
 
 
 def _columnar_outputs(outputs: dict[str, np.ndarray]):
@@ -241,9 +241,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         length = int(self.headers.get("Content-Length") or 0)
         if length > self.max_body_bytes:
-            self._send(429, "application/json", json.dumps(
+            self._send(429, "application/json", dumps(
                 {"error": f"Request body of {length} bytes exceeds the limit of {self.max_body_bytes} "
-                          "bytes; send smaller batches"}).encode(), close=True)
+                          "bytes; send smaller batches"}), close=True)
             return
         self._serve("POST", self.rfile.read(length))
 

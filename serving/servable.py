@@ -16,7 +16,6 @@ from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
 from serving.errors import failed_precondition, invalid_argument
 
-
 SERVE_TAG = "serve"
 INIT_OP_SIGNATURE = "__saved_model_init_op"  # TF2's initializer: listed in metadata, not callable
 DEFAULT_SIGNATURE = "serving_default"
@@ -150,7 +149,7 @@ def squeeze_lenient_outputs(signature: meta_graph_pb2.SignatureDef, outputs: dic
 
 def _check_tensor(alias: str, info: meta_graph_pb2.TensorInfo, value: np.ndarray) -> np.ndarray:
     want = numpy_dtype(info.dtype)
-    if value.dtype != want and not (want == object and value.dtype.kind in "SUO"):
+    if value.dtype != want and not (want.kind == "O" and value.dtype.kind in "SUO"):
         raise invalid_argument(f"input '{alias}' has dtype {_np_name(value.dtype)} but the signature expects "
                                f"{dtype_name(info.dtype)}; send {dtype_name(info.dtype)} values")
     if info.tensor_shape.unknown_rank:

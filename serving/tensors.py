@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 
 import numpy as np
+import orjson
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
@@ -48,6 +50,20 @@ def proto_to_ndarray(proto: tensor_pb2.TensorProto, alias: str = "") -> np.ndarr
 
 
 # ---- JSON (REST) ------------------------------------------------------------------------------
+# orjson writes numpy arrays directly (float32 in its shortest form) and parses ~5x faster than
+# the standard library; the standard library only steps in for NaN/Infinity, which TF Serving
+# accepts and writes but strict JSON (and so orjson) does not.
+def dumps(value) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def loads(text: bytes):
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)  # NaN, Infinity; raises json.JSONDecodeError if it is not JSON at all
+
+
 def json_to_ndarray(value, dtype_enum: int, alias: str) -> np.ndarray:
     """Converts a JSON value to an array of the signature's dtype, with a clear error if it can't."""
     if dtype_enum == types_pb2.DT_STRING:
@@ -95,4 +111,9 @@ def ndarray_to_json(array: np.ndarray, alias: str):
         encode = (lambda b: {"b64": base64.b64encode(b).decode()}) if alias.endswith("_bytes") else \
             (lambda b: b.decode("utf-8", "replace") if isinstance(b, bytes) else str(b))
         return np.vectorize(encode, otypes=[object])(array).tolist() if array.size else array.tolist()
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        return orjson.Fragment(json.dumps(array.tolist()).encode())  # writes NaN / Infinity
+    if array.dtype.kind in "biuf" and array.dtype.itemsize <= 8:
+        # serialized by dumps() without Python lists; a 0-d row value as a numpy scalar
+        return np.ascontiguousarray(array) if array.ndim else array[()]
     return array.tolist()

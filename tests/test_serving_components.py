@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tensorflow_serving.apis import model_pb2, prediction_log_pb2, predict_pb2
+from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 from tensorflow_serving.config import file_system_storage_path_source_pb2, model_server_config_pb2
 
 from serving import config_files

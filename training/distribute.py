@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from training.config import ConfigError
 
+
 def configure_logical_devices(count: int) -> None:
     """Splits the CPU into `count` logical devices. Must run before TensorFlow initialises."""
     if count <= 1:
