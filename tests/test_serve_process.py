@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -158,8 +159,48 @@ def test_tls_with_ssl_config_file(tmp_path):
     write_tf2(base / "1")
     with running_server([f"--model_base_path={base}", f"--ssl_config_file={ssl_config}"],
                         tmp_path / "server.log", ["default"]) as server:
-        credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
-        with grpc.secure_channel(f"localhost:{server.grpc_port}", credentials) as channel:
-            assert predict(channel, [[2.0]])[0].item() == 3.0
+        from clients import AutoencoderClient
+
+        client = AutoencoderClient(f"localhost:{server.grpc_port}", "default", tls=True,
+                                   root_certificates=cert.read_bytes())
+        assert client.predict("serving_default", [[2.0]])["y"].tolist() == [[3.0]]
         with grpc.insecure_channel(server.grpc_address) as plain, pytest.raises(grpc.RpcError):
             predict(plain, [[2.0]], timeout=5)
+
+
+def test_engine_auto_execs_a_real_tensorflow_model_server_with_the_same_flags(tmp_path):
+    fake = tmp_path / "bin" / "tensorflow_model_server"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path / 'argv.txt'}\n")
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake.parent}:{os.environ['PATH']}")
+    flags = ["--port=8500", "--model_name=m", "--model_base_path=/models/m", "--engine=auto", "--host=127.0.0.1"]
+    result = subprocess.run([sys.executable, "-m", "aekit_cli", "serve", *flags], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "argv.txt").read_text().split() == ["--port=8500", "--model_name=m", "--model_base_path=/models/m"]
+    result = run_serve(["--model_base_path=/models/m", "--engine=tfserving"])
+    assert result.returncode != 0 and "tensorflow_model_server is not on PATH" in result.stderr
+
+
+def test_model_config_file_is_polled_and_reloaded(tmp_path):
+    write_tf2(tmp_path / "a" / "1", b=2.0)
+    write_tf2(tmp_path / "b" / "1", b=3.0)
+    config = tmp_path / "models.config"
+    config.write_text(f'model_config_list {{ config {{ name: "a" base_path: "{tmp_path / "a"}" model_platform: "tensorflow" }} }}')
+    with running_server([f"--model_config_file={config}", "--model_config_file_poll_wait_seconds=1"],
+                        tmp_path / "server.log", ["a"]) as server, grpc.insecure_channel(server.grpc_address) as channel:
+        config.write_text("this does not parse")
+        time.sleep(2.5)
+        assert predict(channel, [[2.0]], name="a")[0].item() == 3.0  # a bad edit keeps the old set
+        assert "Not reloading" in server.log_text()
+        config.write_text(f'model_config_list {{ config {{ name: "b" base_path: "{tmp_path / "b"}" model_platform: "tensorflow" }} }}')
+        assert wait_for(lambda: _try_predict_model(channel, "b") == 4.0, 60)
+        assert _try_predict_model(channel, "a") is None
+
+
+def _try_predict_model(channel, name):
+    try:
+        return predict(channel, [[2.0]], name=name, timeout=5)[0].item()
+    except grpc.RpcError:
+        return None

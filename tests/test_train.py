@@ -85,6 +85,14 @@ def test_interrupted_run_resumes_at_the_right_step_and_matches(tmp_path, small_a
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
 
 
+def test_sigterm_on_the_last_step_of_an_epoch_still_records_that_epoch(tmp_path, small_arrays):
+    cfg = cfg_for(tmp_path)  # 4 steps per epoch, calls of 2 steps
+    with pytest.raises(train.Preempted, match="step 4"):
+        train.train_and_evaluate(cfg, small_arrays, tf.distribute.get_strategy(), stop=StopAtStep(1))
+    _, history = train.train_and_evaluate(cfg, small_arrays, tf.distribute.get_strategy())
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
 def test_workdir_has_config_history_and_tensorboard(tmp_path, small_arrays):
     cfg = cfg_for(tmp_path, epochs=1, noise_factor=0.3)
     train.train_and_evaluate(cfg, small_arrays, tf.distribute.get_strategy())

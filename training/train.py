@@ -173,16 +173,18 @@ def train_and_evaluate(cfg: TrainConfig, arrays: data.Arrays | None = None,
     with stop or StopSignal() as stop, writer.as_default():
         while int(state.step.numpy()) < cfg.epochs * steps:
             epoch = int(state.step.numpy()) // steps
-            loss = _run_epoch(cfg, state, train_step, x_train, epoch, steps, stop)
+            loss, stopped = _run_epoch(cfg, state, train_step, x_train, epoch, steps, stop)
             metrics = reconstruction_metrics(lambda x: state.autoencoder(x, training=False),
                                              arrays.x_test, cfg.noise_factor)
             record = {"epoch": epoch + 1, "step": int(state.step.numpy()), "loss": loss, **metrics}
             history.append(record)
             _write_epoch(state, cfg.workdir, record, history)
+            if stopped and int(state.step.numpy()) < cfg.epochs * steps:
+                raise Preempted(f"stopped by SIGTERM at step {record['step']}; checkpoint saved, rerun to resume")
     return state, history
 
 
-def _run_epoch(cfg, state: TrainState, train_steps, x_train, epoch: int, steps: int, stop) -> float:
+def _run_epoch(cfg, state: TrainState, train_steps, x_train, epoch: int, steps: int, stop) -> tuple[float, bool]:
     done = int(state.step.numpy()) - epoch * steps  # > 0 when resuming mid-epoch
     dataset = state.strategy.distribute_datasets_from_function(
         lambda ctx: data.make_dataset(x_train, cfg.batch_size, noise_factor=cfg.noise_factor,
@@ -206,13 +208,14 @@ def _run_epoch(cfg, state: TrainState, train_steps, x_train, epoch: int, steps: 
         total, count = total + float(loss) * chunk, count + chunk
         bar.set_postfix(loss=f"{float(loss):.4f}")
         bar.update(chunk)
-        if float(votes) > 0:
+        stopped = float(votes) > 0  # all-reduced: every worker sees the same answer
+        if stopped or step % cfg.checkpoint_every_steps == 0 or done == steps:
             save_checkpoint(state)
+        if stopped and done < steps:
             raise Preempted(f"stopped by SIGTERM at step {step}; checkpoint saved, rerun to resume")
-        if step % cfg.checkpoint_every_steps == 0 or done == steps:
-            save_checkpoint(state)
     bar.close()
-    return total / max(count, 1)
+    # Stopped on the epoch's last step: the caller records the epoch first, then stops.
+    return total / max(count, 1), stopped
 
 
 def _write_epoch(state: TrainState, workdir: str, record: dict, history: list[dict]) -> None:
