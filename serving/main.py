@@ -67,6 +67,8 @@ class ServerConfig:
     enable_model_warmup: bool = True
     enable_grpc_healthcheck_service: bool = False
     max_num_load_retries: int = 5  # accepted for compatibility; a failed version stays failed
+    tensorflow_intra_op_parallelism: int = 0  # threads one op may use (0 = TF's default: all cores)
+    tensorflow_inter_op_parallelism: int = 0  # ops run at once in one call (0 = TF's default)
     # aekit additions (tensorflow_model_server ignores nothing it does not know: these are
     # stripped before exec'ing it)
     engine: str = "auto"  # auto | embedded | tfserving
@@ -145,11 +147,23 @@ def server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
                                        require_client_auth=ssl.client_verify)
 
 
+def configure_tf_threads(intra_op: int, inter_op: int) -> None:
+    """TF Serving's --tensorflow_*_op_parallelism. Small models answer single requests faster
+    with intra_op 1: requests then run side by side instead of splitting tiny ops over cores."""
+    import tensorflow as tf
+
+    if intra_op > 0:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+    if inter_op > 0:
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+
+
 class EmbeddedServer:
     """The embedded model server: manager + core + gRPC and REST adapters. Start, then stop."""
 
     def __init__(self, cfg: ServerConfig):
         self.cfg = cfg
+        configure_tf_threads(cfg.tensorflow_intra_op_parallelism, cfg.tensorflow_inter_op_parallelism)
         self.metrics = ServerMetrics()
         batcher = None
         if cfg.enable_batching:
