@@ -9,6 +9,7 @@ per queue is refused with UNAVAILABLE, as in TF Serving's BasicBatchScheduler.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import collections
 import dataclasses
@@ -59,9 +60,14 @@ class BatchingOptions:
 class _Task:
     inputs: dict[str, np.ndarray]
     rows: int
-    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    notify: Callable[[], None]  # called by the batch thread once outputs or error are set
     outputs: dict[str, np.ndarray] | None = None
     error: Exception | None = None
+
+    def result(self) -> dict[str, np.ndarray]:
+        if self.error is not None:
+            raise self.error
+        return self.outputs
 
 
 @dataclasses.dataclass
@@ -90,6 +96,26 @@ class BatchScheduler:
     def run(self, key: tuple, inputs: dict[str, np.ndarray], runner: Runner,
             timeout: float | None = None) -> dict[str, np.ndarray]:
         """Queues `inputs` (all with the same batch size) and blocks until its rows come back."""
+        done = threading.Event()
+        task = self._enqueue(key, inputs, runner, done.set)
+        if not done.wait(timeout):
+            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline exceeded waiting for a batch")
+        return task.result()
+
+    async def run_async(self, key: tuple, inputs: dict[str, np.ndarray], runner: Runner,
+                        timeout: float | None = None) -> dict[str, np.ndarray]:
+        """`run` for asyncio callers: waits on a future, so no thread is held per request."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        task = self._enqueue(key, inputs, runner,
+                             lambda: loop.call_soon_threadsafe(_settle, future))
+        try:
+            await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline exceeded waiting for a batch") from None
+        return task.result()
+
+    def _enqueue(self, key: tuple, inputs: dict[str, np.ndarray], runner: Runner, notify) -> _Task:
         rows = _batch_rows(inputs)
         if rows > self.options.max_batch_size:
             raise invalid_argument(f"Task size {rows} is larger than maximum input batch size "
@@ -98,7 +124,7 @@ class BatchScheduler:
         # unless pad_variable_length_inputs lets the batch pad them).
         shapes = tuple((k, v.ndim if self.options.pad_variable_length_inputs else v.shape[1:], v.dtype.str)
                        for k, v in sorted(inputs.items()))
-        task = _Task(inputs, rows)
+        task = _Task(inputs, rows, notify)
         with self._cond:
             queue = self._queues.setdefault((key, shapes), collections.deque())
             if queue and queue[-1].rows + rows <= self.options.max_batch_size:
@@ -108,11 +134,7 @@ class BatchScheduler:
                     raise unavailable("The batch scheduling queue to which this task was submitted is full")
                 queue.append(_Batch(runner, time.monotonic(), [task]))
             self._cond.notify()
-        if not task.done.wait(timeout):
-            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline exceeded waiting for a batch")
-        if task.error is not None:
-            raise task.error
-        return task.outputs
+        return task
 
     def stop(self) -> None:
         with self._cond:
@@ -158,7 +180,7 @@ class BatchScheduler:
             for task in batch.tasks:
                 task.error = e
         for task in batch.tasks:
-            task.done.set()
+            task.notify()
 
     def _merge(self, tasks: list[_Task]) -> tuple[dict[str, np.ndarray], int]:
         rows = sum(t.rows for t in tasks)
@@ -176,6 +198,11 @@ class BatchScheduler:
     def _padded_size(self, rows: int) -> int:
         sizes = self.options.allowed_batch_sizes
         return sizes[bisect.bisect_left(sizes, rows)] if sizes else rows
+
+
+def _settle(future: asyncio.Future) -> None:
+    if not future.done():  # the caller may have timed out already
+        future.set_result(None)
 
 
 def _pad_to_common_shape(parts: list[np.ndarray]) -> list[np.ndarray]:

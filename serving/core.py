@@ -7,6 +7,7 @@ ServingError (a gRPC code and TF Serving's message), mapped to HTTP by the REST 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import time
@@ -105,15 +106,37 @@ class DataPlane:
 
     def run_predict(self, servable: Servable, signature_name: str, inputs: dict[str, np.ndarray],
                     output_filter=(), timeout: float | None = None) -> dict[str, np.ndarray]:
-        signature = servable.signature(signature_name)
-        checked, lenient = check_inputs(signature, inputs)
-        keys = _output_keys(signature, output_filter)
+        signature, checked, keys, lenient = self._prepare(servable, signature_name, inputs, output_filter)
         run = lambda merged: servable.run(signature_name, merged, keys)  # noqa: E731
         if self.batcher is None or not checked:
             outputs = run(checked)
         else:
             outputs = self.batcher.run((id(servable), signature_name, tuple(keys)), checked, run, timeout)
         return squeeze_lenient_outputs(signature, outputs) if lenient else outputs
+
+    async def predict_async(self, spec: model_pb2.ModelSpec, inputs: dict[str, np.ndarray], output_filter=(),
+                            timeout: float | None = None, executor=None) -> tuple[Resolved, dict[str, np.ndarray]]:
+        """`predict` for the asyncio gRPC server: batched requests wait on a future, not a thread;
+        unbatched ones run the model in `executor`."""
+        with self.observed("predict", spec) as record:
+            servable = self.resolve(spec)
+            record["version"] = str(servable.version)
+            resolved = Resolved(servable, spec.signature_name or DEFAULT_SIGNATURE)
+            signature, checked, keys, lenient = self._prepare(servable, resolved.signature_name, inputs,
+                                                              output_filter)
+            run = lambda merged: servable.run(resolved.signature_name, merged, keys)  # noqa: E731
+            if self.batcher is None or not checked:
+                outputs = await asyncio.get_running_loop().run_in_executor(executor, run, checked)
+            else:
+                outputs = await self.batcher.run_async((id(servable), resolved.signature_name, tuple(keys)),
+                                                       checked, run, timeout)
+            return resolved, squeeze_lenient_outputs(signature, outputs) if lenient else outputs
+
+    @staticmethod
+    def _prepare(servable: Servable, signature_name: str, inputs, output_filter):
+        signature = servable.signature(signature_name)
+        checked, lenient = check_inputs(signature, inputs)
+        return signature, checked, _output_keys(signature, output_filter), lenient
 
     # ---- Classify / Regress / MultiInference ---------------------------------------------
     def classify(self, spec: model_pb2.ModelSpec, input_proto: input_pb2.Input

@@ -27,7 +27,7 @@ import grpc
 from serving import config_files
 from serving.batching import BatchingOptions, BatchScheduler
 from serving.core import DataPlane
-from serving.grpc_server import build_grpc_server
+from serving.grpc_server import GrpcServer
 from serving.manager import ModelManager
 from serving.metrics import ServerMetrics
 from serving.rest_server import RestApi, RestServer
@@ -53,7 +53,7 @@ class ServerConfig:
     rest_api_port: int = 0  # 0 = REST off (as TF Serving); -1 picks a free port
     rest_api_timeout_in_ms: int = 30000  # per REST request
     rest_api_num_threads: int = 0  # accepted for compatibility; the REST server uses a thread per connection
-    grpc_max_threads: int = 0  # 0 = 4 x CPU cores, and with batching enough to fill the batches
+    grpc_max_threads: int = 0  # threads for model calls and non-Predict methods; 0 = 4 x CPU cores
     grpc_channel_arguments: str = ""  # k=v,k2=v2 server channel options
     model_name: str = "default"
     model_base_path: str = ""
@@ -174,7 +174,6 @@ class EmbeddedServer:
             except ValueError as e:
                 raise config_files.ConfigFileError(f"{cfg.batching_parameters_file}: {e}") from None
             batcher = BatchScheduler(options, self.metrics.observe_batch)
-        self.batching_options = batcher.options if batcher else None
         self.manager = ModelManager(on_event=self._on_event)
         self.core = DataPlane(self.manager, self.metrics, batcher)
         if cfg.enable_model_warmup:
@@ -183,30 +182,21 @@ class EmbeddedServer:
         self.monitoring_path = config_files.prometheus_path(
             config_files.parse_text(cfg.monitoring_config_file, config_files.MonitoringConfig)
             if cfg.monitoring_config_file else None)
-        self.grpc_server, self.health = self._build_grpc()
+        self.grpc = self._build_grpc()
+        self.health = self.grpc.health
         self.rest = None
         if cfg.rest_api_port:
             api = RestApi(self.core, self.monitoring_path, cfg.rest_api_timeout_in_ms / 1000)
             self.rest = RestServer(api, cfg.host, max(cfg.rest_api_port, 0), cfg.max_request_bytes)
         self._stopped = threading.Event()
 
-    def _build_grpc(self):
+    def _build_grpc(self) -> GrpcServer:
         cfg = self.cfg
         addresses = [f"{cfg.host}:{cfg.port}"] + ([f"unix:{cfg.grpc_socket_path}"] if cfg.grpc_socket_path else [])
-        server, health, ports = build_grpc_server(self.core, addresses, channel_options(cfg),
-                                                  cfg.grpc_max_threads or self._default_grpc_threads(),
-                                                  cfg.enable_grpc_healthcheck_service, server_credentials(cfg))
-        self.grpc_port = ports[0]
-        return server, health
-
-    def _default_grpc_threads(self) -> int:
-        # Each gRPC thread blocks while its request waits in a batch: with too few threads the
-        # batches could never fill, so leave room for every batch thread's full batch.
-        threads = 4 * (os.cpu_count() or 1)
-        if self.batching_options:
-            options = self.batching_options
-            threads = max(threads, options.max_batch_size * options.num_batch_threads + threads)
-        return min(threads, 1024)
+        server = GrpcServer(self.core, addresses, channel_options(cfg), cfg.grpc_max_threads or 4 * (os.cpu_count() or 1),
+                            cfg.enable_grpc_healthcheck_service, server_credentials(cfg))
+        self.grpc_port = server.ports[0]
+        return server
 
     def _on_event(self, event: str, name: str, version: int) -> None:
         if event in ("load", "unload", "load_failure"):
@@ -215,7 +205,7 @@ class EmbeddedServer:
             self.health.update()
 
     def start(self) -> None:
-        self.grpc_server.start()
+        self.grpc.start()
         log.info("Running gRPC ModelServer at %s:%d ...", self.cfg.host, self.grpc_port)
         if self.rest:
             self.rest.start()
@@ -244,7 +234,7 @@ class EmbeddedServer:
         self.manager.stop()
         if self.rest:
             self.rest.stop(grace)
-        self.grpc_server.stop(grace).wait()
+        self.grpc.stop(grace)
         if self.core.batcher:
             self.core.batcher.stop()
 

@@ -63,7 +63,7 @@ def test_server_process_end_to_end(tmp_path):
     socket_path = tmp_path / "grpc.sock"
     flags = [f"--model_base_path={base}", "--file_system_poll_wait_seconds=1", "--enable_batching",
              f"--batching_parameters_file={batching}", f"--monitoring_config_file={monitoring}",
-             f"--grpc_socket_path={socket_path}", "--max_request_bytes=65536"]
+             f"--grpc_socket_path={socket_path}", "--max_request_bytes=65536", "--enable_grpc_healthcheck_service"]
     with running_server(flags, tmp_path / "server.log", ["default"]) as server:
         channel = grpc.insecure_channel(server.grpc_address)
 
@@ -75,6 +75,11 @@ def test_server_process_end_to_end(tmp_path):
         import urllib.request
         metrics = urllib.request.urlopen(server.rest_url + "/metrics", timeout=10).read().decode()
         assert ":tensorflow:serving:batching_session:batch_size_count" in metrics
+
+        # health on the batching (grpc.aio) server
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
         # a new version is picked up by polling
         write_tf2(tmp_path / "staging", b=3.0)

@@ -18,7 +18,7 @@ from serving import config_files
 from serving.batching import BatchingOptions, BatchScheduler
 from serving.core import DataPlane
 from serving.errors import ServingError
-from serving.grpc_server import build_grpc_server
+from serving.grpc_server import GrpcServer
 from serving.manager import ModelManager, State, aspired_versions
 from serving.tensors import ndarray_to_proto, proto_to_ndarray
 from tests.model_fixtures import write_corrupt, write_tf2
@@ -218,8 +218,8 @@ def test_health_is_not_serving_until_models_load(tmp_path, model_versions):
     core = DataPlane(manager)
     manager.configure(config(base))
     (port,) = free_ports(1)
-    server, health, _ = build_grpc_server(core, [f"127.0.0.1:{port}"], [], 4, True)
-    manager._on_event = health.update
+    server = GrpcServer(core, [f"127.0.0.1:{port}"], [], 4, True)
+    manager._on_event = server.health.update
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
