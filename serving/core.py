@@ -93,13 +93,19 @@ class DataPlane:
             self.metrics.observe_request(spec.name, record["version"], record["signature"], api, status,
                                          time.perf_counter() - started)
 
+    @contextlib.contextmanager
+    def serving(self, api: str, spec: model_pb2.ModelSpec, servable: Servable | None = None):
+        """Counts and times one request, yielding the servable it resolves to."""
+        with self.observed(api, spec) as record:
+            servable = servable or self.resolve(spec)
+            record["version"] = str(servable.version)
+            yield servable
+
     # ---- Predict ------------------------------------------------------------------------
     def predict(self, spec: model_pb2.ModelSpec, inputs: dict[str, np.ndarray],
                 output_filter=(), servable: Servable | None = None, timeout: float | None = None
                 ) -> tuple[Resolved, dict[str, np.ndarray]]:
-        with self.observed("predict", spec) as record:
-            servable = servable or self.resolve(spec)
-            record["version"] = str(servable.version)
+        with self.serving("predict", spec, servable) as servable:
             resolved = Resolved(servable, spec.signature_name or DEFAULT_SIGNATURE)
             outputs = self.run_predict(servable, resolved.signature_name, inputs, output_filter, timeout)
             return resolved, outputs
@@ -118,9 +124,7 @@ class DataPlane:
                             timeout: float | None = None, executor=None) -> tuple[Resolved, dict[str, np.ndarray]]:
         """`predict` for the asyncio gRPC server: batched requests wait on a future, not a thread;
         unbatched ones run the model in `executor`."""
-        with self.observed("predict", spec) as record:
-            servable = self.resolve(spec)
-            record["version"] = str(servable.version)
+        with self.serving("predict", spec) as servable:
             resolved = Resolved(servable, spec.signature_name or DEFAULT_SIGNATURE)
             signature, checked, keys, lenient = self._prepare(servable, resolved.signature_name, inputs,
                                                               output_filter)
@@ -141,9 +145,7 @@ class DataPlane:
     # ---- Classify / Regress / MultiInference ---------------------------------------------
     def classify(self, spec: model_pb2.ModelSpec, input_proto: input_pb2.Input
                  ) -> tuple[Resolved, classification_pb2.ClassificationResult]:
-        with self.observed("classify", spec) as record:
-            servable = self.resolve(spec)
-            record["version"] = str(servable.version)
+        with self.serving("classify", spec) as servable:
             return self._classify_on(servable, spec.signature_name or DEFAULT_SIGNATURE, input_proto)
 
     def _classify_on(self, servable: Servable, signature_name: str, input_proto: input_pb2.Input):
@@ -169,9 +171,7 @@ class DataPlane:
 
     def regress(self, spec: model_pb2.ModelSpec, input_proto: input_pb2.Input
                 ) -> tuple[Resolved, regression_pb2.RegressionResult]:
-        with self.observed("regress", spec) as record:
-            servable = self.resolve(spec)
-            record["version"] = str(servable.version)
+        with self.serving("regress", spec) as servable:
             return self._regress_on(servable, spec.signature_name or DEFAULT_SIGNATURE, input_proto)
 
     def _regress_on(self, servable: Servable, signature_name: str, input_proto: input_pb2.Input):
@@ -191,9 +191,7 @@ class DataPlane:
             raise invalid_argument("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
         if len({t.model_spec.signature_name for t in request.tasks}) != len(request.tasks):
             raise invalid_argument("Duplicate evaluation of signature")
-        with self.observed("multi_inference", first) as record:
-            servable = self.resolve(first)
-            record["version"] = str(servable.version)
+        with self.serving("multi_inference", first) as servable:
             response = inference_pb2.MultiInferenceResponse()
             for task in request.tasks:
                 name = task.model_spec.signature_name or DEFAULT_SIGNATURE
