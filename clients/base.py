@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from concurrent import futures
 
 import numpy as np
@@ -81,7 +82,7 @@ class BaseClient:
         raise NotImplementedError
 
     # ---- shared logic -------------------------------------------------------------------
-    def _ref(self, model, version, label) -> ModelRef:
+    def _ref(self, model=None, version=None, label=None) -> ModelRef:
         if model is None and version is None and label is None:
             return self.default
         return ModelRef(model or self.default.name, version, label)
@@ -93,6 +94,22 @@ class BaseClient:
         if ref.key() not in self._signatures:
             self._signatures[ref.key()] = self._fetch_signatures(ref)
         return self._signatures[ref.key()]
+
+    def wait_until_available(self, timeout: float = 120.0, **which) -> int:
+        """Blocks until the model has an AVAILABLE version (a server may still be loading it)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                ready = [s["version"] for s in self.status(**which) if s["state"] == "AVAILABLE"]
+                if ready:
+                    return max(ready)
+            except ClientError as e:
+                if e.code not in ("NOT_FOUND", "UNAVAILABLE"):
+                    raise
+            if time.monotonic() > deadline:
+                raise ClientError(f"DEADLINE_EXCEEDED: model {self._ref(**which).name} has no AVAILABLE "
+                                  f"version after {timeout:.0f}s", "DEADLINE_EXCEEDED")
+            time.sleep(0.2)
 
     def metadata(self, **which) -> dict[str, Signature]:
         return self.signatures(**which)

@@ -42,7 +42,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     server = _start_server(out / "models" / cfg.model_name, cfg.model_name, out / "server.log")
     try:
         with AutoencoderClient(f"127.0.0.1:{server.port}", cfg.model_name) as client:
-            client.retries = 30  # the server may still be loading the model
+            client.wait_until_available(READY_TIMEOUT)
             figures, serving = _call_and_plot(client, arrays, out / "figures", train_result)
         latency = _measure_latency(f"127.0.0.1:{server.port}", cfg)
     finally:

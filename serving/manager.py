@@ -19,7 +19,13 @@ from pathlib import Path
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving.errors import ServingError, failed_precondition, invalid_argument, not_found
+from serving.errors import (
+    ServingError,
+    failed_precondition,
+    invalid_argument,
+    not_found,
+    unavailable,
+)
 from serving.servable import Servable
 
 log = logging.getLogger(__name__)
@@ -229,8 +235,17 @@ class ModelManager:
                     state = entry.versions.get(version)
                     if state is not None and state.state == State.AVAILABLE:
                         return state.servable
+                if self._loading(entry, version):
+                    # Retryable, like TF Serving before its ports open: clients back off and retry.
+                    raise unavailable(f"Model {name} is still loading; retry shortly")
         spec = f"Latest({name})" if version is None else f"Specific({name}, {version})"
         raise not_found(f"Servable not found for request: {spec}")
+
+    def _loading(self, entry: ModelEntry, version: int | None) -> bool:
+        if version is not None:
+            state = entry.versions.get(version)
+            return state is not None and state.state == State.LOADING
+        return not self.initial_load_done.is_set() or any(s.state == State.LOADING for s in entry.versions.values())
 
     def status(self, name: str, version: int | None = None, label: str | None = None) -> list[VersionState]:
         if not name:

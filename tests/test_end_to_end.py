@@ -76,6 +76,12 @@ def test_big_inputs_are_chunked_and_reassembled_in_order(server, images):
     np.testing.assert_allclose(chunked_client.denoise(images), whole, atol=1e-6)  # 8 chunks of 5
 
 
+def test_wait_until_available(server):
+    assert AutoencoderClient(server.grpc_address, "autoencoder").wait_until_available(10) == 1
+    with pytest.raises(ClientError, match="no AVAILABLE version"):
+        RestAutoencoderClient(f"127.0.0.1:{server.rest_port}", "nope").wait_until_available(0.5)
+
+
 def test_names_come_from_metadata(server):
     signatures = AutoencoderClient(server.grpc_address, "autoencoder").signatures()
     assert signatures["encode"].input_alias == "images" and list(signatures["encode"].outputs) == ["latent"]

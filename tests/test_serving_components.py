@@ -115,6 +115,20 @@ def test_reload_replaces_the_model_set_and_checks_labels(tmp_path, model_version
         manager.reload(config(base, labels={"stable": 1}))  # latest policy: version 1 is not loaded
 
 
+def test_a_model_still_loading_is_unavailable_not_missing(tmp_path, model_versions):
+    base = make_base(tmp_path, model_versions, [1])
+    manager = ModelManager()
+    manager.configure(config(base))  # configured, not loaded yet: clients should retry, not give up
+    with pytest.raises(ServingError) as info:
+        manager.resolve("m")
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(ServingError) as info:
+        manager.resolve("other")
+    assert info.value.code == grpc.StatusCode.NOT_FOUND
+    manager.start_polling(0)
+    assert manager.initial_load_done.wait(60) and manager.resolve("m").version == 1
+
+
 def test_request_in_flight_survives_unload(tmp_path, model_versions):
     base = make_base(tmp_path, model_versions, [1])
     manager = ModelManager()
