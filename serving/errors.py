@@ -30,11 +30,6 @@ class ServingError(Exception):
     def http_status(self) -> int:
         return HTTP_STATUS.get(self.code, 500)
 
-    @property
-    def error_code_name(self) -> str:
-        """The tensorflow::error::Code name used in status JSON (e.g. NOT_FOUND)."""
-        return self.code.name
-
 
 def invalid_argument(message: str) -> ServingError:
     return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message)

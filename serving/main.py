@@ -177,7 +177,7 @@ class EmbeddedServer:
         self.manager = ModelManager(on_event=self._on_event)
         self.core = DataPlane(self.manager, self.metrics, batcher)
         if cfg.enable_model_warmup:
-            self.manager._warmup = self.core.warmup
+            self.manager.warmup = self.core.warmup  # the core replays the records; it needs the manager first
         self.manager.configure(model_server_config(cfg))
         self.monitoring_path = config_files.prometheus_path(
             config_files.parse_text(cfg.monitoring_config_file, config_files.MonitoringConfig)

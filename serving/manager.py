@@ -89,8 +89,8 @@ class ModelManager:
     def __init__(self, loader: Callable[[str, int, Path], Servable] = Servable,
                  warmup: Callable[[Servable], int] | None = None,
                  on_event: Callable[[str, str, int], None] | None = None):
-        self._loader, self._warmup = loader, warmup
-        self._on_event = on_event or (lambda event, name, version: None)
+        self._loader, self.warmup = loader, warmup
+        self.on_event = on_event or (lambda event, name, version: None)
         self._models: dict[str, ModelEntry] = {}
         self._lock = threading.Lock()  # guards _models
         self._poll_lock = threading.Lock()  # one poll at a time: loads are slow
@@ -174,20 +174,20 @@ class ModelManager:
         started = time.monotonic()
         try:
             servable = self._loader(name, version, path)
-            if self._warmup:
-                self._warmup(servable)
+            if self.warmup:
+                self.warmup(servable)
         except Exception as e:  # noqa: BLE001 - any failure becomes the version's status
             message = e.message if isinstance(e, ServingError) else str(e)
             log.error("Loading servable {name: %s version: %d} failed: %s", name, version, message)
             with self._lock:
                 state.state, state.error = State.END, invalid_argument(message)
-            self._on_event("load_failure", name, version)
+            self.on_event("load_failure", name, version)
             return
         with self._lock:
             state.servable, state.state = servable, State.AVAILABLE
         log.info("Successfully loaded servable version {name: %s version: %d} in %.2fs", name, version,
                  time.monotonic() - started)
-        self._on_event("load", name, version)
+        self.on_event("load", name, version)
 
     def _unload(self, entry: ModelEntry, state: VersionState) -> None:
         with self._lock:
@@ -195,7 +195,7 @@ class ModelManager:
             state.servable = None  # requests in flight keep their own reference
             state.state = State.END
         log.info("Unloaded servable version {name: %s version: %d}", entry.config.name, state.version)
-        self._on_event("unload", entry.config.name, state.version)
+        self.on_event("unload", entry.config.name, state.version)
 
     def start_polling(self, interval_seconds: float) -> None:
         """Loads now (in the background) and then rescans every `interval_seconds` (0: never)."""
@@ -204,7 +204,7 @@ class ModelManager:
                 self.poll()
             finally:
                 self.initial_load_done.set()
-            self._on_event("poll", "", 0)
+            self.on_event("poll", "", 0)
             while interval_seconds > 0 and not self._stop.wait(interval_seconds):
                 try:
                     self.poll()
@@ -271,10 +271,6 @@ class ModelManager:
         with self._lock:
             return bool(self._models) and all(
                 any(s.state == State.AVAILABLE for s in e.versions.values()) for e in self._models.values())
-
-    def model_names(self) -> list[str]:
-        with self._lock:
-            return sorted(self._models)
 
 
 def _version_folder(base_path: str, version: int) -> str:

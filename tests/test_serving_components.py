@@ -218,7 +218,7 @@ def test_warmup_replays_records_before_available_and_bad_warmup_fails_the_load(t
     replayed = []
     manager = ModelManager()
     core = DataPlane(manager)
-    manager._warmup = lambda servable: replayed.append(core.warmup(servable))
+    manager.warmup = lambda servable: replayed.append(core.warmup(servable))
     manager.reload(config(base, Policy(all=Policy.All())))
     assert replayed[0] == 3
     states = {s.version: s for s in manager.status("m")}
@@ -233,7 +233,7 @@ def test_health_is_not_serving_until_models_load(tmp_path, model_versions):
     manager.configure(config(base))
     (port,) = free_ports(1)
     server = GrpcServer(core, [f"127.0.0.1:{port}"], [], 4, True)
-    manager._on_event = server.health.update
+    manager.on_event = server.health.update
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
