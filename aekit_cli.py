@@ -215,17 +215,12 @@ def _guarded(run) -> int:
         print("aekit: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - typed errors from the libraries are mapped here once
-        name = type(e).__name__
-        if name == "Preempted":  # SIGTERM: saved, exit like a terminated process
-            print(f"aekit: {e}", file=sys.stderr)
-            return 143
-        if name in ("WorkerLost", "ExportError"):
-            print(f"aekit: error: {e}", file=sys.stderr)
-            return 1
-        if hasattr(e, "exit_code"):  # clients.errors.ClientError and friends
-            print(f"aekit: error: {e}", file=sys.stderr)
-            return e.exit_code
-        raise
+        # Library errors a user acts on carry their exit status (ClientError, Preempted, WorkerLost,
+        # ExportError); anything else is a bug and keeps its traceback.
+        if not hasattr(e, "exit_code"):
+            raise
+        print(f"aekit: {e}" if e.exit_code == 143 else f"aekit: error: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ CHECK_TOLERANCE = 1e-4  # float32 reorderings between Keras and the traced graph
 class ExportError(RuntimeError):
     """The written SavedModel does not behave like the Keras model; nothing was published."""
 
+    exit_code = 1
+
 
 def next_version(base: Path) -> int:
     versions = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()]

@@ -31,9 +31,13 @@ from training.evaluate import reconstruction_metrics
 class Preempted(RuntimeError):
     """Raised after a SIGTERM once every worker has saved a checkpoint; rerun to resume."""
 
+    exit_code = 143  # as a process ended by SIGTERM
+
 
 class WorkerLost(RuntimeError):
     """A collective failed because a peer died or became unreachable; rerun the job to resume."""
+
+    exit_code = 1
 
 
 # What a collective raises when a peer is gone: the step cannot finish on this worker either.
