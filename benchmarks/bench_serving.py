@@ -6,14 +6,22 @@
 
 Targets: single-image gRPC p50 at most 1 ms above the in-process call; with batching on, 64
 concurrent single-image gRPC clients get >= 2x the throughput of batching off; server memory
-after 100,000 requests within 10 % of after 1,000. The load generator runs on the same 2 cores
-as the server, so absolute numbers are pessimistic; compare the ratios.
+after 100,000 requests within 10 % of after 1,000.
+
+The grid runs the load generator on the same 2 cores as the server, so its absolute numbers are
+pessimistic. The latency target is measured as a client on another host would see it: the
+server and the in-process ceiling each get the same one core, the load generator the other
+(`isolated_single_image`). Sharing the cores adds ~0.4 ms to a gRPC call here, all of it the
+two processes' threads waiting for each other's CPU; both figures are reported.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 from concurrent import futures
 from pathlib import Path
@@ -28,10 +36,10 @@ from training import export, models
 MODEL = "autoencoder"
 # One batch thread: on 2 shared cores a second model call in parallel only adds contention.
 # Timeout 0: batches form while the model is busy, without delaying a lone request.
-# allowed_batch_sizes: a handful of shapes, so the model's kernels are built once per shape.
+# No allowed_batch_sizes: padding up to powers of two computed ~40 % throw-away rows here (mean
+# batch 20 padded to 28) and cost ~15 % of the throughput; the model's batch dimension is free.
 BATCHING = ("max_batch_size { value: 64 }\nbatch_timeout_micros { value: 0 }\nnum_batch_threads { value: 1 }\n"
-            "max_enqueued_batches { value: 1000 }\n"
-            + "".join(f"allowed_batch_sizes: {n}\n" for n in (1, 2, 4, 8, 16, 32, 64)))
+            "max_enqueued_batches { value: 1000 }\n")
 # The same TF threading in-process and in the server, so the in-process row is a fair ceiling:
 # for a 28x28 conv, one thread per op is faster than splitting it (0.8 vs 1.2 ms here).
 INTRA_OP_THREADS = 1
@@ -62,6 +70,40 @@ def in_process(version_dir: Path, batch: int, concurrency: int, requests: int) -
     return {"protocol": "in-process", "batch_size": batch, "concurrency": concurrency, "requests": requests,
             "errors": 0, "throughput_rps": requests / elapsed, "rows_per_s": requests * batch / elapsed,
             "latency_ms": {"p50": float(np.percentile(latencies, 50)), "p99": float(np.percentile(latencies, 99))}}
+
+
+def _pinned(cpus: set[int]):
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def isolated_single_image(version_dir: Path, flags: list[str], root: Path, requests: int) -> dict | None:
+    """Single-image latency with the load generator off the server's core: the in-process ceiling
+    and the server on one core, the load generator (`aekit loadtest --cpus`) on another."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        print("  (one CPU: no isolated latency measurement)")
+        return None
+    server_cpus, client_cpu = {cpus[-1]}, str(cpus[0])
+    ceiling = subprocess.run([sys.executable, "-m", "benchmarks.bench_serving", "--ceiling-of", str(version_dir),
+                              "--requests", str(requests)], preexec_fn=_pinned(server_cpus),
+                             capture_output=True, text=True, check=True)
+    rows = {"in-process": json.loads(ceiling.stdout.splitlines()[-1])}
+
+    def load(address: str, rest: bool, n: int) -> dict:
+        result = subprocess.run([sys.executable, "-m", "aekit_cli", "loadtest", "--server", address, "--model", MODEL,
+                                 "--concurrency", "1", "--requests", str(n), "--cpus", client_cpu]
+                                + (["--rest"] if rest else []), capture_output=True, text=True, check=True)
+        return json.loads(result.stdout.splitlines()[-1])
+
+    with running_server(flags, root / "server-isolated.log", [MODEL], cpus=server_cpus) as server:
+        load(server.grpc_address, False, 500)  # warm-up
+        rows["grpc"] = load(server.grpc_address, False, requests)
+        rows["rest"] = load(f"127.0.0.1:{server.rest_port}", True, requests)
+    for name, row in rows.items():
+        print(f"  isolated {name:10s} batch  1 conc  1: p50 {row['latency_ms']['p50']:7.2f} ms  "
+              f"p99 {row['latency_ms']['p99']:7.2f} ms  (CPUs: server/ceiling {sorted(server_cpus)}, "
+              f"client {client_cpu})", flush=True)
+    return rows
 
 
 def server_rows(server, batching: bool, requests: int, duration: float) -> list[dict]:
@@ -107,12 +149,13 @@ def run(output_dir: str = "bench-output", requests: int = 2000, duration: float 
     out = Path(output_dir)
     root = out / "serving"
     version = export_model(root / "models")
-    rows = [in_process(version, b, c, requests if b == 1 else requests // 4) for b in (1, 64) for c in (1, 16)]
+    rows = [in_process(version, b, c, requests if b == 1 else requests // 4) for b in (1, 64) for c in (1, 16, 64)]
     for row in rows:
         print(f"  in-process batch {row['batch_size']:2d} conc {row['concurrency']:2d}: {row['throughput_rps']:8.1f} "
               f"req/s  p50 {row['latency_ms']['p50']:7.2f} ms  p99 {row['latency_ms']['p99']:7.2f} ms", flush=True)
     flags = [f"--model_name={MODEL}", f"--model_base_path={version.parent}",
              f"--tensorflow_intra_op_parallelism={INTRA_OP_THREADS}"]
+    isolated = isolated_single_image(version, flags, root, requests)
     with running_server(flags, root / "server-off.log", [MODEL]) as server:
         rows += server_rows(server, False, requests, duration)
         memory = memory_growth(server, memory_requests)
@@ -125,15 +168,19 @@ def run(output_dir: str = "bench-output", requests: int = 2000, duration: float 
         return next(r for r in rows if r["protocol"] == protocol and r["batch_size"] == batch
                     and r["concurrency"] == concurrency and r.get("batching", batching) == batching)
 
-    ceiling = find("in-process", 1, 1)
-    grpc_single = find("grpc", 1, 1, False)
+    def p50_gap(grpc_row, ceiling_row):
+        return grpc_row["latency_ms"]["p50"] - ceiling_row["latency_ms"]["p50"]
+
+    shared_gap = p50_gap(find("grpc", 1, 1, False), find("in-process", 1, 1))
     report = {
-        "rows": rows, "memory": memory,
-        "grpc_p50_minus_in_process_ms": grpc_single["latency_ms"]["p50"] - ceiling["latency_ms"]["p50"],
+        "rows": rows, "memory": memory, "isolated_single_image": isolated,
+        "grpc_p50_minus_in_process_ms": p50_gap(isolated["grpc"], isolated["in-process"]) if isolated else shared_gap,
+        "grpc_p50_minus_in_process_ms_shared_cores": shared_gap,
         "batching_throughput_gain_64_clients": find("grpc", 1, 64, True)["throughput_rps"]
         / find("grpc", 1, 64, False)["throughput_rps"],
     }
-    print(f"single-image gRPC p50 - in-process p50: {report['grpc_p50_minus_in_process_ms']:.2f} ms (goal <= 1)")
+    print(f"single-image gRPC p50 - in-process p50: {report['grpc_p50_minus_in_process_ms']:.2f} ms (goal <= 1; "
+          f"load generator on its own core) | {shared_gap:.2f} ms with client and server sharing both cores")
     print(f"batching on / off, 64 concurrent single-image gRPC clients: "
           f"{report['batching_throughput_gain_64_clients']:.2f}x (goal >= 2)")
     print(f"server RSS after 1,000 requests {memory['rss_mib_after_1000']:.1f} MiB, after {memory_requests:,}: "
@@ -148,5 +195,11 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--memory-requests", type=int, default=100_000)
+    parser.add_argument("--ceiling-of", metavar="VERSION_DIR",
+                        help="only print the in-process single-image row for this export, as JSON")
     args = parser.parse_args()
-    run(args.output_dir, args.requests, args.duration, args.memory_requests)
+    if args.ceiling_of:
+        tf.config.threading.set_intra_op_parallelism_threads(INTRA_OP_THREADS)
+        print(json.dumps(in_process(Path(args.ceiling_of), 1, 1, args.requests)))
+    else:
+        run(args.output_dir, args.requests, args.duration, args.memory_requests)

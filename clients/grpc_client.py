@@ -94,7 +94,7 @@ class AutoencoderClient(BaseClient):
                        ) -> dict[str, np.ndarray]:
         request = predict_pb2.PredictRequest(model_spec=self._spec(ref, signature.name))
         for alias, value in inputs.items():
-            request.inputs[alias].CopyFrom(ndarray_to_proto(value))
+            ndarray_to_proto(value, out=request.inputs[alias])
         response = self._call(self.prediction.Predict, request)
         return {alias: proto_to_ndarray(t, alias) for alias, t in response.outputs.items()}
 

@@ -15,6 +15,7 @@ import asyncio
 import collections
 import dataclasses
 import http.client
+import os
 import threading
 import time
 
@@ -25,17 +26,24 @@ from clients.errors import HTTP_TO_CODE, ClientError
 # TensorFlow-backed modules are imported where used, so `aekit --help` stays instant.
 
 
+def _flag(default, help: str):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass
 class LoadConfig:
-    server: str  # HOST:PORT (the REST port with rest=True)
-    model: str = "autoencoder"
-    rest: bool = False
-    concurrency: int = 16  # requests in flight
-    requests: int = 1000  # stop after this many
-    duration: float = 60.0  # ... or after this many seconds
-    batch_size: int = 1  # rows per request
-    signature: str = "denoise"
-    timeout: float = 10.0  # per request, seconds
+    server: str = dataclasses.field(metadata={"help": "HOST:PORT (the REST port with --rest)"})
+    model: str = _flag("autoencoder", "model name on the server")
+    rest: bool = _flag(False, "call REST :predict instead of gRPC Predict")
+    concurrency: int = _flag(16, "requests in flight")
+    requests: int = _flag(1000, "stop after this many requests ...")
+    duration: float = _flag(60.0, "... or after this many seconds")
+    batch_size: int = _flag(1, "rows per request")
+    signature: str = _flag("denoise", "signature to call")
+    timeout: float = _flag(10.0, "per-request deadline, seconds")
+    # A load generator on the server's cores slows the server it measures; on one machine, give
+    # each its own cores (the server with taskset, this with --cpus).
+    cpus: str = _flag("", "run the load generator only on these CPUs, as taskset -c takes them: 0 | 0,2 | 1-3")
 
     def validate(self) -> None:
         for name in ("concurrency", "requests", "batch_size"):
@@ -43,17 +51,38 @@ class LoadConfig:
                 raise ClientError(f"--{name.replace('_', '-')} must be at least 1", "INVALID_ARGUMENT")
         if self.duration <= 0:
             raise ClientError("--duration must be positive", "INVALID_ARGUMENT")
+        parse_cpus(self.cpus)
+
+
+def parse_cpus(text: str) -> set[int]:
+    """'0', '0,2' or '1-3' as a set of CPU numbers; '' is every CPU this process may use."""
+    allowed = os.sched_getaffinity(0)
+    if not text:
+        return allowed
+    cpus = set()
+    try:
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise ClientError(f"--cpus {text!r}: expected CPU numbers such as 0 | 0,2 | 1-3",
+                          "INVALID_ARGUMENT") from None
+    if not cpus or not cpus <= allowed:
+        raise ClientError(f"--cpus {text!r}: this process may only use CPUs {sorted(allowed)}",
+                          "INVALID_ARGUMENT")
+    return cpus
 
 
 def add_loadtest_flags(p: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(LoadConfig):
-        flag = "--" + field.name.replace("_", "-")
+        flag, help_text = "--" + field.name.replace("_", "-"), field.metadata["help"]
         if field.type in ("bool", bool):
-            p.add_argument(flag, action="store_true")
+            p.add_argument(flag, action="store_true", help=help_text)
         elif field.default is dataclasses.MISSING:
-            p.add_argument(flag, required=True)
+            p.add_argument(flag, required=True, help=help_text)
         else:
-            p.add_argument(flag, type=type(field.default), default=field.default)
+            p.add_argument(flag, type=type(field.default), default=field.default,
+                           help=f"{help_text} (default: {field.default})" if field.default != "" else help_text)
 
 
 class _Recorder:
@@ -78,10 +107,14 @@ class _Recorder:
 
 
 def run(cfg: LoadConfig) -> dict:
+    cfg.validate()  # before the (slow) TensorFlow-backed imports
     from clients.grpc_client import AutoencoderClient
     from clients.rest_client import RestAutoencoderClient
 
-    cfg.validate()
+    if cfg.cpus:
+        # Pins the calling thread and every thread it starts from here on (gRPC's included): meant
+        # for the `aekit loadtest` process, whose main thread this is.
+        os.sched_setaffinity(0, parse_cpus(cfg.cpus))
     client_class = RestAutoencoderClient if cfg.rest else AutoencoderClient
     shape = client_class(cfg.server, cfg.model, timeout=cfg.timeout).input_shape(cfg.signature)
     batch = np.random.default_rng(0).random((cfg.batch_size, *shape[1:])).astype(np.float32)
@@ -159,7 +192,8 @@ def _report(cfg: LoadConfig, recorder: _Recorder, elapsed: float) -> dict:
         return float(np.percentile(latencies, q)) if ok else float("nan")
 
     return {"protocol": "rest" if cfg.rest else "grpc", "signature": cfg.signature, "batch_size": cfg.batch_size,
-            "concurrency": cfg.concurrency, "requests": ok + errors, "ok": ok, "errors": errors,
+            "concurrency": cfg.concurrency, "client_cpus": sorted(os.sched_getaffinity(0)),
+            "requests": ok + errors, "ok": ok, "errors": errors,
             "errors_by_code": dict(recorder.errors), "duration_s": elapsed,
             "throughput_rps": (ok + errors) / elapsed if elapsed else 0.0,
             "rows_per_s": ok * cfg.batch_size / elapsed if elapsed else 0.0,

@@ -60,7 +60,8 @@ class BatchingOptions:
 class _Task:
     inputs: dict[str, np.ndarray]
     rows: int
-    notify: Callable[[], None]  # called by the batch thread once outputs or error are set
+    done: threading.Event | None = None  # threaded callers wait on this ...
+    future: asyncio.Future | None = None  # ... asyncio callers on this, settled on their own loop
     outputs: dict[str, np.ndarray] | None = None
     error: Exception | None = None
 
@@ -96,27 +97,27 @@ class BatchScheduler:
     def run(self, key: tuple, inputs: dict[str, np.ndarray], runner: Runner,
             timeout: float | None = None) -> dict[str, np.ndarray]:
         """Queues `inputs` (all with the same batch size) and blocks until its rows come back."""
-        done = threading.Event()
-        task = self._enqueue(key, inputs, runner, done.set)
-        if not done.wait(timeout):
-            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline exceeded waiting for a batch")
+        task = self._enqueue(key, _Task(inputs, _batch_rows(inputs), done=threading.Event()), runner)
+        if not task.done.wait(timeout):
+            raise _deadline_exceeded()
         return task.result()
 
     async def run_async(self, key: tuple, inputs: dict[str, np.ndarray], runner: Runner,
                         timeout: float | None = None) -> dict[str, np.ndarray]:
         """`run` for asyncio callers: waits on a future, so no thread is held per request."""
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        task = self._enqueue(key, inputs, runner,
-                             lambda: loop.call_soon_threadsafe(_settle, future))
+        task = self._enqueue(key, _Task(inputs, _batch_rows(inputs), future=loop.create_future()), runner)
+        # A timer, not asyncio.wait_for: that wraps every request in one more Task (Python < 3.12).
+        timer = loop.call_later(timeout, _expire, task.future) if timeout is not None else None
         try:
-            await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
-            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline exceeded waiting for a batch") from None
+            await task.future
+        finally:
+            if timer is not None:
+                timer.cancel()
         return task.result()
 
-    def _enqueue(self, key: tuple, inputs: dict[str, np.ndarray], runner: Runner, notify) -> _Task:
-        rows = _batch_rows(inputs)
+    def _enqueue(self, key: tuple, task: _Task, runner: Runner) -> _Task:
+        inputs, rows = task.inputs, task.rows
         if rows > self.options.max_batch_size:
             raise invalid_argument(f"Task size {rows} is larger than maximum input batch size "
                                    f"{self.options.max_batch_size}")
@@ -124,7 +125,6 @@ class BatchScheduler:
         # unless pad_variable_length_inputs lets the batch pad them).
         shapes = tuple((k, v.ndim if self.options.pad_variable_length_inputs else v.shape[1:], v.dtype.str)
                        for k, v in sorted(inputs.items()))
-        task = _Task(inputs, rows, notify)
         with self._cond:
             queue = self._queues.setdefault((key, shapes), collections.deque())
             if queue and queue[-1].rows + rows <= self.options.max_batch_size:
@@ -179,8 +179,7 @@ class BatchScheduler:
         except Exception as e:  # noqa: BLE001 - every caller in the batch gets the error
             for task in batch.tasks:
                 task.error = e
-        for task in batch.tasks:
-            task.notify()
+        _notify(batch.tasks)
 
     def _merge(self, tasks: list[_Task]) -> tuple[dict[str, np.ndarray], int]:
         rows = sum(t.rows for t in tasks)
@@ -200,9 +199,34 @@ class BatchScheduler:
         return sizes[bisect.bisect_left(sizes, rows)] if sizes else rows
 
 
-def _settle(future: asyncio.Future) -> None:
-    if not future.done():  # the caller may have timed out already
-        future.set_result(None)
+def _notify(tasks: list[_Task]) -> None:
+    """Wakes every caller of a finished batch: one wake-up per event loop, not one per request."""
+    by_loop = collections.defaultdict(list)
+    for task in tasks:
+        if task.future is None:
+            task.done.set()
+        else:
+            by_loop[task.future.get_loop()].append(task.future)
+    for loop, futures in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle, futures)
+        except RuntimeError:  # that loop has closed (shutdown): nobody is left waiting
+            pass
+
+
+def _settle(futures: list[asyncio.Future]) -> None:
+    for future in futures:
+        if not future.done():  # the caller may have timed out already
+            future.set_result(None)
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(_deadline_exceeded())
+
+
+def _deadline_exceeded() -> ServingError:
+    return ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline exceeded waiting for a batch")
 
 
 def _pad_to_common_shape(parts: list[np.ndarray]) -> list[np.ndarray]:

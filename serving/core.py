@@ -77,12 +77,14 @@ class DataPlane:
         return self.manager.resolve(spec.name, version, label)
 
     @contextlib.contextmanager
-    def observed(self, api: str, spec: model_pb2.ModelSpec):
-        """Counts and times one request; `resolved` is filled in once known."""
-        record = {"version": "", "signature": spec.signature_name or DEFAULT_SIGNATURE}
+    def serving(self, api: str, spec: model_pb2.ModelSpec, servable: Servable | None = None):
+        """Resolves the servable for one request (unless given), counts and times the request."""
+        version, signature = "", spec.signature_name or DEFAULT_SIGNATURE
         started, status = time.perf_counter(), "OK"
         try:
-            yield record
+            servable = servable or self.resolve(spec)
+            version = str(servable.version)
+            yield servable
         except ServingError as e:
             status = e.code.name
             raise
@@ -90,16 +92,7 @@ class DataPlane:
             status = "INTERNAL"
             raise
         finally:
-            self.metrics.observe_request(spec.name, record["version"], record["signature"], api, status,
-                                         time.perf_counter() - started)
-
-    @contextlib.contextmanager
-    def serving(self, api: str, spec: model_pb2.ModelSpec, servable: Servable | None = None):
-        """Counts and times one request, yielding the servable it resolves to."""
-        with self.observed(api, spec) as record:
-            servable = servable or self.resolve(spec)
-            record["version"] = str(servable.version)
-            yield servable
+            self.metrics.observe_request(spec.name, version, signature, api, status, time.perf_counter() - started)
 
     # ---- Predict ------------------------------------------------------------------------
     def predict(self, spec: model_pb2.ModelSpec, inputs: dict[str, np.ndarray],

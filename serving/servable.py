@@ -8,6 +8,8 @@ Signatures come from saved_model.pb itself, so metadata is exactly what TF Servi
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +48,7 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+@functools.cache  # on every request's every input
 def numpy_dtype(dtype_enum: int) -> np.dtype:
     return np.dtype(object) if dtype_enum == tf.string.as_datatype_enum else \
         np.dtype(tf.dtypes.as_dtype(dtype_enum).as_numpy_dtype)
@@ -71,7 +74,8 @@ class Servable:
             loaded = tf.saved_model.load(str(self.path), tags=[SERVE_TAG])
         except Exception as e:
             raise LoadError(f"cannot load SavedModel {self.path}: {_first_line(e)}") from None
-        functions = {k: loaded.signatures[k] for k in self.signature_defs if k in loaded.signatures}
+        functions = {k: _caller(loaded.signatures[k], self.signature_defs[k])
+                     for k in self.signature_defs if k in loaded.signatures}
         missing = set(self.signature_defs) - set(functions) - {INIT_OP_SIGNATURE}
         if missing:
             raise LoadError(f"SavedModel {self.path} lists signatures it cannot run: {sorted(missing)}")
@@ -105,12 +109,46 @@ class Servable:
             except tf.errors.OpError as e:
                 raise invalid_argument(e.message.splitlines()[0]) from None
             return dict(zip(output_keys, values))
-        function = self._functions[signature_name]
         try:
-            result = function(**{k: tf.constant(v) for k, v in inputs.items()})
+            result = self._functions[signature_name]({k: tf.constant(v) for k, v in inputs.items()})
         except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
             raise invalid_argument(str(e).splitlines()[0]) from None
         return {k: result[k].numpy() for k in output_keys}
+
+
+def _caller(function, signature: meta_graph_pb2.SignatureDef) -> Callable[[dict], dict]:
+    """Runs a loaded signature on tensors keyed by input alias.
+
+    A signature call binds, canonicalizes and re-checks its arguments in Python on every call:
+    ~0.15 ms of a 0.8 ms single-image call here. The inputs were already checked against the
+    SignatureDef (check_inputs), so they go straight to the function's graph, in the order TF's
+    own call would flatten them (found once, below), then its captured variables. Any other kind
+    of function (or TF version) takes the plain call.
+    """
+    structured = lambda inputs: function(**inputs)  # noqa: E731
+    try:
+        graph_function = function.inference_fn
+        order = _flat_input_order(graph_function.function_type, signature)
+        captures = list(function.captured_inputs)
+        expected = len(graph_function.cached_definition.signature.input_arg)
+    except (AttributeError, TypeError, ValueError):
+        return structured
+    if order is None or len(order) + len(captures) != expected:
+        return structured
+    return lambda inputs: graph_function.call_preflattened([inputs[alias] for alias in order] + captures)
+
+
+def _flat_input_order(function_type, signature: meta_graph_pb2.SignatureDef) -> list[str] | None:
+    """The input aliases in the order the graph takes them: binds one probe tensor per alias
+    and reads back where TF's flattening puts each."""
+    probes = {}
+    for alias, info in signature.inputs.items():
+        shape = [] if info.tensor_shape.unknown_rank else [max(d.size, 1) for d in info.tensor_shape.dim]
+        probes[alias] = tf.zeros(shape, tf.dtypes.as_dtype(info.dtype))
+    flat = function_type.unpack_inputs(function_type.bind(**probes))
+    alias_of = {id(tensor): alias for alias, tensor in probes.items()}
+    order = [alias_of.get(id(tensor)) for tensor in flat]
+    return order if sorted(map(str, order)) == sorted(probes) else None
 
 
 def check_inputs(signature: meta_graph_pb2.SignatureDef, inputs: dict[str, np.ndarray]

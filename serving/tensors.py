@@ -23,17 +23,22 @@ _NUMPY_TO_ENUM = {np.dtype(tf.dtypes.as_dtype(e).as_numpy_dtype): e for e in (
     types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE, types_pb2.DT_INT32, types_pb2.DT_INT64, types_pb2.DT_UINT8,
     types_pb2.DT_INT8, types_pb2.DT_INT16, types_pb2.DT_UINT16, types_pb2.DT_BOOL, types_pb2.DT_HALF,
     types_pb2.DT_UINT32, types_pb2.DT_UINT64)}
+_ENUM_TO_NUMPY = {e: d for d, e in _NUMPY_TO_ENUM.items()}
 
 
-def ndarray_to_proto(array: np.ndarray) -> tensor_pb2.TensorProto:
+def ndarray_to_proto(array: np.ndarray, out: tensor_pb2.TensorProto | None = None) -> tensor_pb2.TensorProto:
+    """`array` as a TensorProto; written into `out` (e.g. a response's output entry) when given,
+    which saves building the message twice."""
     array = np.asarray(array)
     enum = _NUMPY_TO_ENUM.get(array.dtype)
+    proto = tensor_pb2.TensorProto() if out is None else out
     if enum is None:  # strings and rare types: TensorFlow's own (slower) encoder
-        return tf.make_tensor_proto(array)
-    shape = tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d)
-                                                   for d in array.shape])
-    return tensor_pb2.TensorProto(dtype=enum, tensor_shape=shape,
-                                  tensor_content=np.ascontiguousarray(array).tobytes())
+        proto.CopyFrom(tf.make_tensor_proto(array))
+        return proto
+    proto.dtype = enum
+    proto.tensor_shape.dim.extend(tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in array.shape)
+    proto.tensor_content = np.ascontiguousarray(array).tobytes()
+    return proto
 
 
 def proto_to_ndarray(proto: tensor_pb2.TensorProto, alias: str = "") -> np.ndarray:
@@ -41,9 +46,8 @@ def proto_to_ndarray(proto: tensor_pb2.TensorProto, alias: str = "") -> np.ndarr
     if any(d < 0 for d in shape):
         raise invalid_argument(f"input '{alias}' has an unknown dimension in its TensorProto shape {shape}")
     try:
-        if proto.tensor_content and proto.dtype != types_pb2.DT_STRING:
-            dtype = np.dtype(tf.dtypes.as_dtype(proto.dtype).as_numpy_dtype)
-            return np.frombuffer(proto.tensor_content, dtype=dtype).reshape(shape)
+        if proto.tensor_content and proto.dtype in _ENUM_TO_NUMPY:
+            return np.frombuffer(proto.tensor_content, dtype=_ENUM_TO_NUMPY[proto.dtype]).reshape(shape)
         return tf.make_ndarray(proto)
     except (TypeError, ValueError) as e:
         raise invalid_argument(f"input '{alias}' is not a valid TensorProto: {e}") from None

@@ -18,7 +18,7 @@ READY_TIMEOUT = 120.0
 
 
 class ServerProcess:
-    def __init__(self, flags: list[str], log_path: Path, rest: bool = True):
+    def __init__(self, flags: list[str], log_path: Path, rest: bool = True, cpus: set[int] | None = None):
         self.grpc_port, self.rest_port = free_ports(2)
         argv = [sys.executable, "-m", "aekit_cli", "serve", f"--port={self.grpc_port}", *flags]
         if rest:
@@ -26,7 +26,9 @@ class ServerProcess:
         self.log_path = log_path
         self._log = open(log_path, "w")
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        # `cpus` (like taskset -c): set in the child before exec, so every server thread inherits it.
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, preexec_fn=pin)
 
     @property
     def grpc_address(self) -> str:
@@ -72,8 +74,9 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def running_server(flags: list[str], log_path: Path, models: list[str] | None = None, rest: bool = True):
-    server = ServerProcess(flags, log_path, rest)
+def running_server(flags: list[str], log_path: Path, models: list[str] | None = None, rest: bool = True,
+                   cpus: set[int] | None = None):
+    server = ServerProcess(flags, log_path, rest, cpus)
     try:
         if models:
             server.wait_available(models)

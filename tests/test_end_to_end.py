@@ -160,6 +160,16 @@ def test_loadtest_grpc_and_rest(server):
     assert result.returncode != 0
 
 
+def test_loadtest_pins_itself_to_the_cpus_asked(server):
+    result = aekit("loadtest", "--server", server.grpc_address, "--model", "autoencoder", "--requests", "20",
+                   "--concurrency", "2", "--cpus", "0")
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (report["ok"], report["client_cpus"]) == (20, [0])
+    for bad, said in (("x", "expected CPU numbers"), ("4096", "may only use CPUs")):
+        result = aekit("loadtest", "--server", server.grpc_address, "--cpus", bad, check=False)
+        assert result.returncode == 1 and said in result.stderr and "Traceback" not in result.stderr
+
+
 def test_evaluate_export_and_plot_commands(trained, tmp_path):
     result = aekit("evaluate", "--model-base-path", str(trained / "models"), "--noise-factor", "0.3", "--json")
     metrics = json.loads(result.stdout.strip().splitlines()[-1])

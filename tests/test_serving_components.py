@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import threading
 import time
@@ -10,16 +11,19 @@ from concurrent import futures
 import grpc
 import numpy as np
 import pytest
+import tensorflow as tf
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 from tensorflow_serving.config import file_system_storage_path_source_pb2, model_server_config_pb2
 
 from serving import config_files
+from serving import servable as servable_module
 from serving.batching import BatchingOptions, BatchScheduler
 from serving.core import DataPlane
 from serving.errors import ServingError
 from serving.grpc_server import GrpcServer
 from serving.manager import ModelManager, State, aspired_versions
+from serving.servable import Servable
 from serving.tensors import ndarray_to_proto, proto_to_ndarray
 from tests.model_fixtures import write_corrupt, write_tf2
 from training.multiworker import free_ports
@@ -180,6 +184,38 @@ def test_batch_queue_full_is_unavailable_and_oversized_is_invalid():
     scheduler.stop()
 
 
+def test_async_callers_get_their_rows_and_a_deadline_while_waiting():
+    calls, release, loop_closed = [], threading.Event(), threading.Event()
+
+    def double(inputs):
+        release.wait(10)
+        calls.append(len(inputs["x"]))
+        return {"y": inputs["x"] * 2}
+
+    def after_the_loop_closed(inputs):
+        loop_closed.wait(10)
+        return double(inputs)
+
+    scheduler = BatchScheduler(BatchingOptions(max_batch_size=16, batch_timeout_micros=50_000, num_batch_threads=1))
+
+    async def callers():
+        rows = [{"x": np.full((1, 1), i, np.float32)} for i in range(8)]
+        waiting = [asyncio.ensure_future(scheduler.run_async("k", r, double, timeout=10)) for r in rows]
+        late = asyncio.ensure_future(scheduler.run_async("late", rows[0], after_the_loop_closed, timeout=0.2))
+        with pytest.raises(ServingError) as info:
+            await late  # its batch cannot run while the worker is held in `double`
+        release.set()
+        return [float(out["y"][0, 0]) for out in await asyncio.gather(*waiting)], info.value.code
+
+    answers, code = asyncio.run(callers())
+    assert answers == [2.0 * i for i in range(8)] and code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert calls[0] == 8  # the eight concurrent callers shared one model call
+    loop_closed.set()  # the timed-out batch now finishes for a loop that is gone ...
+    # ... and the batch thread lives on
+    assert scheduler.run("k", {"x": np.ones((1, 1), np.float32)}, double, timeout=5)["y"].tolist() == [[2.0]]
+    scheduler.stop()
+
+
 def test_batching_options_from_tf_serving_text(tmp_path):
     path = tmp_path / "batching.config"
     path.write_text("max_batch_size { value: 64 }\nbatch_timeout_micros { value: 500 }\n"
@@ -258,3 +294,35 @@ def test_tensor_proto_roundtrip_both_encodings():
     assert proto_to_ndarray(typed).tolist() == value.tolist()
     strings = proto_to_ndarray(ndarray_to_proto(np.array([b"a", b"bc"], dtype=object)))
     assert strings.tolist() == [b"a", b"bc"]
+
+
+class TwoInputs(tf.Module):
+    """Parameters declared (z, a) but sorted (a, z): a swapped order would change the answer."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="z"),
+                                  tf.TensorSpec([None], tf.float32, name="a")])
+    def difference(self, z, a):
+        return {"d": z - 10.0 * a}
+
+
+def test_signature_runs_match_the_plain_signature_call(tmp_path, model_versions):
+    module_dir = tmp_path / "two" / "1"
+    module = TwoInputs()
+    tf.saved_model.save(module, str(module_dir), signatures={"serving_default": module.difference})
+    inputs = {"a": np.array([1.0, 2.0], np.float32), "z": np.array([5.0, 7.0], np.float32)}
+    cases = [(module_dir, "serving_default", inputs, "d"),
+             (model_versions / "1", "serving_default", {"x": np.array([[3.0]], np.float32)}, "y")]
+    for version_dir, name, values, output in cases:
+        plain = tf.saved_model.load(str(version_dir)).signatures[name]
+        want = plain(**{k: tf.constant(v) for k, v in values.items()})[output].numpy()
+        got = Servable("m", 1, version_dir).run(name, values, [output])[output]
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, [[3.5]])
+
+    class NotAGraphFunction:  # e.g. another TF version's signature object: the plain call is used
+        def __call__(self, **inputs):
+            return {"d": inputs["z"] - inputs["a"]}
+
+    signature = Servable("m", 1, module_dir).signature_defs["serving_default"]
+    call = servable_module._caller(NotAGraphFunction(), signature)
+    assert call({"z": 3.0, "a": 1.0}) == {"d": 2.0}
