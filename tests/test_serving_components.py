@@ -294,6 +294,11 @@ def test_tensor_proto_roundtrip_both_encodings():
     assert proto_to_ndarray(typed).tolist() == value.tolist()
     strings = proto_to_ndarray(ndarray_to_proto(np.array([b"a", b"bc"], dtype=object)))
     assert strings.tolist() == [b"a", b"bc"]
+    response = predict_pb2.PredictResponse()  # written in place, as the gRPC adapter does
+    ndarray_to_proto(value, out=response.outputs["y"])
+    ndarray_to_proto(np.array([b"a", b"bc"], dtype=object), out=response.outputs["s"])
+    assert proto_to_ndarray(response.outputs["y"]).tolist() == value.tolist()
+    assert proto_to_ndarray(response.outputs["s"]).tolist() == [b"a", b"bc"]
 
 
 class TwoInputs(tf.Module):
