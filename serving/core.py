@@ -105,13 +105,10 @@ class DataPlane:
 
     def run_predict(self, servable: Servable, signature_name: str, inputs: dict[str, np.ndarray],
                     output_filter=(), timeout: float | None = None) -> dict[str, np.ndarray]:
-        signature, checked, keys, lenient = self._prepare(servable, signature_name, inputs, output_filter)
-        run = lambda merged: servable.run(signature_name, merged, keys)  # noqa: E731
-        if self.batcher is None or not checked:
-            outputs = run(checked)
-        else:
-            outputs = self.batcher.run((id(servable), signature_name, tuple(keys)), checked, run, timeout)
-        return squeeze_lenient_outputs(signature, outputs) if lenient else outputs
+        plan = _PredictPlan.of(servable, signature_name, inputs, output_filter)
+        if self.batcher is None or not plan.inputs:
+            return plan.finish(plan.run(plan.inputs))
+        return plan.finish(self.batcher.run(plan.batch_key, plan.inputs, plan.run, timeout))
 
     async def predict_async(self, spec: model_pb2.ModelSpec, inputs: dict[str, np.ndarray], output_filter=(),
                             timeout: float | None = None, executor=None) -> tuple[Resolved, dict[str, np.ndarray]]:
@@ -119,21 +116,12 @@ class DataPlane:
         unbatched ones run the model in `executor`."""
         with self.serving("predict", spec) as servable:
             resolved = Resolved(servable, spec.signature_name or DEFAULT_SIGNATURE)
-            signature, checked, keys, lenient = self._prepare(servable, resolved.signature_name, inputs,
-                                                              output_filter)
-            run = lambda merged: servable.run(resolved.signature_name, merged, keys)  # noqa: E731
-            if self.batcher is None or not checked:
-                outputs = await asyncio.get_running_loop().run_in_executor(executor, run, checked)
+            plan = _PredictPlan.of(servable, resolved.signature_name, inputs, output_filter)
+            if self.batcher is None or not plan.inputs:
+                outputs = await asyncio.get_running_loop().run_in_executor(executor, plan.run, plan.inputs)
             else:
-                outputs = await self.batcher.run_async((id(servable), resolved.signature_name, tuple(keys)),
-                                                       checked, run, timeout)
-            return resolved, squeeze_lenient_outputs(signature, outputs) if lenient else outputs
-
-    @staticmethod
-    def _prepare(servable: Servable, signature_name: str, inputs, output_filter):
-        signature = servable.signature(signature_name)
-        checked, lenient = check_inputs(signature, inputs)
-        return signature, checked, _output_keys(signature, output_filter), lenient
+                outputs = await self.batcher.run_async(plan.batch_key, plan.inputs, plan.run, timeout)
+            return resolved, plan.finish(outputs)
 
     # ---- Classify / Regress / MultiInference ---------------------------------------------
     def classify(self, spec: model_pb2.ModelSpec, input_proto: input_pb2.Input
@@ -271,6 +259,33 @@ class DataPlane:
             self._regress_on(servable, request.model_spec.signature_name or DEFAULT_SIGNATURE, request.input)
         else:
             raise ServingError(grpc.StatusCode.UNIMPLEMENTED, f"Unsupported log_type for warmup: {kind}")
+
+
+@dataclasses.dataclass
+class _PredictPlan:
+    """One Predict on one servable, checked: what to run, how batches key it, how to finish it."""
+    servable: Servable
+    signature_name: str
+    signature: meta_graph_pb2.SignatureDef
+    inputs: dict[str, np.ndarray]  # checked against the signature
+    output_keys: list[str]
+    lenient: bool  # an input gained a trailing 1 that the outputs must lose again
+
+    @classmethod
+    def of(cls, servable: Servable, signature_name: str, inputs, output_filter) -> _PredictPlan:
+        signature = servable.signature(signature_name)
+        checked, lenient = check_inputs(signature, inputs)
+        return cls(servable, signature_name, signature, checked, _output_keys(signature, output_filter), lenient)
+
+    @property
+    def batch_key(self) -> tuple:
+        return id(self.servable), self.signature_name, tuple(self.output_keys)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.servable.run(self.signature_name, inputs, self.output_keys)
+
+    def finish(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return squeeze_lenient_outputs(self.signature, outputs) if self.lenient else outputs
 
 
 def _output_keys(signature: meta_graph_pb2.SignatureDef, output_filter) -> list[str]:

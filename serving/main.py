@@ -194,7 +194,8 @@ class EmbeddedServer:
     def _build_grpc(self) -> GrpcServer:
         cfg = self.cfg
         addresses = [f"{cfg.host}:{cfg.port}"] + ([f"unix:{cfg.grpc_socket_path}"] if cfg.grpc_socket_path else [])
-        server = GrpcServer(self.core, addresses, channel_options(cfg), cfg.grpc_max_threads or 4 * (os.cpu_count() or 1),
+        threads = cfg.grpc_max_threads or 4 * (os.cpu_count() or 1)
+        server = GrpcServer(self.core, addresses, channel_options(cfg), threads,
                             cfg.enable_grpc_healthcheck_service, server_credentials(cfg))
         self.grpc_port = server.ports[0]
         return server

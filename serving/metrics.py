@@ -28,19 +28,11 @@ class ServerMetrics:
                                    "load failures", ["model_name", "version", "event"], registry=self.registry)
         self.available = Gauge(":tensorflow:serving:available_versions", "Versions AVAILABLE per model",
                                ["model_name"], registry=self.registry)
-        self._per_request = {}  # label values -> (counter, histogram): one dict lookup per request
-
-    def _request_series(self, labels: tuple[str, ...]):
-        series = self._per_request.get(labels)
-        if series is None:
-            series = self._per_request[labels] = (self.requests.labels(*labels), self.latency.labels(*labels))
-        return series
 
     def observe_request(self, model: str, version: str, signature: str, api: str, status: str,
                         seconds: float) -> None:
-        count, latency = self._request_series((model, version, signature, api, status))
-        count.inc()
-        latency.observe(seconds)
+        self.requests.labels(model, version, signature, api, status).inc()
+        self.latency.labels(model, version, signature, api, status).observe(seconds)
 
     def observe_batch(self, rows: int, padded: int) -> None:
         self.batch_size.observe(rows)

@@ -148,7 +148,7 @@ def _flat_input_order(function_type, signature: meta_graph_pb2.SignatureDef) -> 
     flat = function_type.unpack_inputs(function_type.bind(**probes))
     alias_of = {id(tensor): alias for alias, tensor in probes.items()}
     order = [alias_of.get(id(tensor)) for tensor in flat]
-    return order if sorted(map(str, order)) == sorted(probes) else None
+    return order if None not in order and sorted(order) == sorted(probes) else None
 
 
 def check_inputs(signature: meta_graph_pb2.SignatureDef, inputs: dict[str, np.ndarray]
