@@ -109,6 +109,19 @@ def test_scale_and_noise_eager_and_in_tf_data():
     np.testing.assert_array_equal(skipped.numpy(), second.numpy())
 
 
+def test_gaussian_noise_is_standard_normal_and_seeded():
+    seed = tf.constant([3, 1], tf.int64)
+    z = data.gaussian_noise(tf.constant([101, 999]), seed).numpy()  # odd count: one pair half used
+    assert z.shape == (101, 999) and z.dtype == np.float32 and np.isfinite(z).all()
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
+    # Shape of the distribution, not just its first two moments: normal tail masses and kurtosis.
+    assert abs(np.mean(np.abs(z) > 1.96) - 0.05) < 0.003 and abs(np.mean(np.abs(z) > 3) - 0.0027) < 0.001
+    assert abs(np.mean(z ** 4) / z.var() ** 2 - 3) < 0.1
+    assert abs(np.corrcoef(z.ravel()[:-1], z.ravel()[1:])[0, 1]) < 0.01  # neighbours independent
+    np.testing.assert_array_equal(z, data.gaussian_noise(tf.constant([101, 999]), seed).numpy())
+    assert not np.allclose(z, data.gaussian_noise(tf.constant([101, 999]), tf.constant([3, 2], tf.int64)).numpy())
+
+
 def test_input_context_takes_its_rows_of_each_global_batch():
     x = np.arange(32, dtype=np.uint8).reshape(32, 1)
     context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1, num_replicas_in_sync=4)
