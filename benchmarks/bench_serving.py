@@ -35,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from clients import loadtest
-from tests.server_process import running_server
+from tests.server_process import pinned_to, running_server
 from training import export, models
 
 MODEL = "autoencoder"
@@ -77,10 +77,6 @@ def in_process(version_dir: Path, batch: int, concurrency: int, requests: int) -
             "latency_ms": {"p50": float(np.percentile(latencies, 50)), "p99": float(np.percentile(latencies, 99))}}
 
 
-def _pinned(cpus: set[int]):
-    return lambda: os.sched_setaffinity(0, cpus)
-
-
 def isolated_single_image(version_dir: Path, flags: list[str], root: Path, requests: int,
                           rounds: int = 3) -> dict | None:
     """Single-image latency with the load generator off the server's core: the in-process ceiling
@@ -95,7 +91,7 @@ def isolated_single_image(version_dir: Path, flags: list[str], root: Path, reque
 
     def ceiling() -> dict:
         result = subprocess.run([sys.executable, "-m", "benchmarks.bench_serving", "--ceiling-of", str(version_dir),
-                                 "--requests", str(requests)], preexec_fn=_pinned(server_cpus),
+                                 "--requests", str(requests)], preexec_fn=pinned_to(server_cpus),
                                 capture_output=True, text=True, check=True)
         return json.loads(result.stdout.splitlines()[-1])
 

@@ -17,6 +17,12 @@ from training.multiworker import free_ports
 READY_TIMEOUT = 120.0
 
 
+def pinned_to(cpus: set[int]):
+    """A subprocess `preexec_fn` that pins the child to `cpus` (like taskset -c) before exec, so
+    every thread it starts inherits them."""
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
 class ServerProcess:
     def __init__(self, flags: list[str], log_path: Path, rest: bool = True, cpus: set[int] | None = None):
         self.grpc_port, self.rest_port = free_ports(2)
@@ -26,9 +32,8 @@ class ServerProcess:
         self.log_path = log_path
         self._log = open(log_path, "w")
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-        # `cpus` (like taskset -c): set in the child before exec, so every server thread inherits it.
-        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, preexec_fn=pin)
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=pinned_to(cpus) if cpus else None)
 
     @property
     def grpc_address(self) -> str:
