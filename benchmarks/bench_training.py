@@ -135,4 +135,7 @@ if __name__ == "__main__":
     parser.add_argument("--output-dir", default="bench-output")
     parser.add_argument("--rounds", type=int, default=5, help="times each row is measured, in turns")
     args = parser.parse_args()
+    for name in ("epochs", "batch_size", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     run(args.epochs, args.batch_size, args.output_dir, args.rounds)
