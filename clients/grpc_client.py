@@ -94,7 +94,8 @@ class AutoencoderClient(BaseClient):
                        ) -> dict[str, np.ndarray]:
         request = predict_pb2.PredictRequest(model_spec=self._spec(ref, signature.name))
         for alias, value in inputs.items():
-            ndarray_to_proto(value, out=request.inputs[alias])
+            # tensor_content, as tf.make_tensor_proto writes requests; replies come either way
+            ndarray_to_proto(value, out=request.inputs[alias], tensor_content=True)
         response = self._call(self.prediction.Predict, request)
         return {alias: proto_to_ndarray(t, alias) for alias, t in response.outputs.items()}
 

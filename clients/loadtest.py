@@ -147,7 +147,7 @@ async def _run_grpc(cfg: LoadConfig, batch: np.ndarray, recorder: _Recorder, dea
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         signatures = AutoencoderClient(cfg.server, cfg.model).signatures()
         request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name=cfg.model, signature_name=cfg.signature))
-        request.inputs[signatures[cfg.signature].input_alias].CopyFrom(ndarray_to_proto(batch))
+        request.inputs[signatures[cfg.signature].input_alias].CopyFrom(ndarray_to_proto(batch, tensor_content=True))
 
         async def worker():
             while time.perf_counter() < deadline and recorder.take():

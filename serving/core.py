@@ -68,8 +68,12 @@ def spec_version(spec: model_pb2.ModelSpec) -> tuple[int | None, str | None]:
 
 class DataPlane:
     def __init__(self, manager: ModelManager, metrics: ServerMetrics | None = None,
-                 batcher: BatchScheduler | None = None):
+                 batcher: BatchScheduler | None = None, response_tensor_content: bool = False):
         self.manager, self.metrics, self.batcher = manager, metrics or ServerMetrics(), batcher
+        # TF Serving's ServerCore::Options::predict_response_tensor_serialization_option: Predict
+        # outputs in the typed *_val fields (kAsProtoField, the default) or in tensor_content
+        # (--enable_serialization_as_tensor_content).
+        self.response_tensor_content = response_tensor_content
 
     # ---- resolution -------------------------------------------------------------------
     def resolve(self, spec: model_pb2.ModelSpec) -> Servable:

@@ -86,14 +86,14 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         inputs = {alias: proto_to_ndarray(t, alias) for alias, t in request.inputs.items()}
         resolved, outputs = await self.core.predict_async(request.model_spec, inputs, request.output_filter,
                                                           context.time_remaining(), self.executor)
-        return _predict_response(resolved, outputs)
+        return _predict_response(resolved, outputs, self.core.response_tensor_content)
 
     @_map_errors
     def _predict_sync(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
         inputs = {alias: proto_to_ndarray(t, alias) for alias, t in request.inputs.items()}
         resolved, outputs = self.core.predict(request.model_spec, inputs, request.output_filter,
                                               timeout=context.time_remaining())
-        return _predict_response(resolved, outputs)
+        return _predict_response(resolved, outputs, self.core.response_tensor_content)
 
     @_map_errors
     def Classify(self, request, context) -> classification_pb2.ClassificationResponse:
@@ -140,10 +140,10 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         return response
 
 
-def _predict_response(resolved, outputs) -> predict_pb2.PredictResponse:
+def _predict_response(resolved, outputs, tensor_content: bool) -> predict_pb2.PredictResponse:
     response = predict_pb2.PredictResponse(model_spec=resolved.model_spec())
     for alias, value in outputs.items():
-        ndarray_to_proto(value, out=response.outputs[alias])
+        ndarray_to_proto(value, out=response.outputs[alias], tensor_content=tensor_content)
     return response
 
 

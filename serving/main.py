@@ -176,7 +176,7 @@ class EmbeddedServer:
                 raise config_files.ConfigFileError(f"{cfg.batching_parameters_file}: {e}") from None
             batcher = BatchScheduler(options, self.metrics.observe_batch)
         self.manager = ModelManager(on_event=self._on_event)
-        self.core = DataPlane(self.manager, self.metrics, batcher)
+        self.core = DataPlane(self.manager, self.metrics, batcher, cfg.enable_serialization_as_tensor_content)
         if cfg.enable_model_warmup:
             self.manager.warmup = self.core.warmup  # the core replays the records; it needs the manager first
         self.manager.configure(model_server_config(cfg))

@@ -68,6 +68,10 @@ class Servable:
         self.signature_defs = dict(meta_graph.signature_def)
         self.is_tf2 = len(meta_graph.object_graph_def.nodes) > 0
         self._functions, self._session = (self._load_tf2(), None) if self.is_tf2 else (None, self._load_session())
+        # What requests are checked against (signature()): the SignatureDefs, where a TF1 input or
+        # output declared without a shape takes its graph tensor's static shape.
+        self._checked_signatures = self.signature_defs if self._session is None else {
+            k: _with_graph_shapes(v, self._session.graph) for k, v in self.signature_defs.items()}
 
     def _load_tf2(self) -> dict:
         try:
@@ -97,7 +101,7 @@ class Servable:
         name = name or DEFAULT_SIGNATURE
         if name not in self.signature_defs:
             raise failed_precondition(f'Serving signature key "{name}" not found.')
-        return self.signature_defs[name]
+        return self._checked_signatures[name]
 
     def run(self, signature_name: str, inputs: dict[str, np.ndarray], output_keys: list[str]) -> dict[str, np.ndarray]:
         signature = self.signature_defs[signature_name]
@@ -106,14 +110,49 @@ class Servable:
             feeds = {signature.inputs[k].name: v for k, v in inputs.items()}
             try:
                 values = self._session.run(fetches, feed_dict=feeds)
-            except tf.errors.OpError as e:
-                raise invalid_argument(e.message.splitlines()[0]) from None
+            except _MODEL_ERRORS as e:
+                raise _client_error(e) from None
             return dict(zip(output_keys, values))
         try:
             result = self._functions[signature_name]({k: tf.constant(v) for k, v in inputs.items()})
-        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
-            raise invalid_argument(str(e).splitlines()[0]) from None
+        except _MODEL_ERRORS as e:
+            raise _client_error(e) from None
         return {k: result[k].numpy() for k in output_keys}
+
+
+# What a model raises on a client's tensor: the graph's own errors (shapes it cannot take, asserts,
+# unparsable examples) and the Session's feed checks (ValueError "Cannot feed value of shape ...",
+# TypeError for a value it cannot convert). TF Serving passes the session's status on
+# (INVALID_ARGUMENT for these; HTTP 400 by http_server.cc's ToHTTPStatusCode); here every one of
+# them is INVALID_ARGUMENT, so a client's tensor never produces a 500.
+_MODEL_ERRORS = (tf.errors.OpError, ValueError, TypeError)
+
+
+def _client_error(error: Exception):
+    return invalid_argument(_first_line(error))
+
+
+def _with_graph_shapes(signature: meta_graph_pb2.SignatureDef, graph: tf.Graph) -> meta_graph_pb2.SignatureDef:
+    """`signature` with each shapeless TensorInfo given its tensor's static shape in `graph`.
+
+    TF Serving's saved_model_half_plus_three declares x and y with no shape while the graph has
+    them [?, 1]; its REST documentation's `{"instances": [1.0, 2.0, 5.0]}` answers
+    `[3.5, 4.0, 5.5]`. With the graph's shape, check_inputs gives that input the [-1, 1]
+    leniency (and its outputs lose the 1 again) instead of leaving it to a Python Session that
+    refuses shape [3]. Tensors of unknown rank in the graph stay unchecked.
+    """
+    checked = meta_graph_pb2.SignatureDef()
+    checked.CopyFrom(signature)
+    for info in [*checked.inputs.values(), *checked.outputs.values()]:
+        if info.HasField("tensor_shape") or not info.name:
+            continue
+        try:
+            shape = graph.get_tensor_by_name(info.name).shape
+        except (KeyError, ValueError):  # a sparse or composite TensorInfo: nothing to borrow
+            continue
+        if shape.rank is not None:
+            info.tensor_shape.CopyFrom(shape.as_proto())
+    return checked
 
 
 def _caller(function, signature: meta_graph_pb2.SignatureDef) -> Callable[[dict], dict]:
@@ -190,7 +229,9 @@ def _check_tensor(alias: str, info: meta_graph_pb2.TensorInfo, value: np.ndarray
     if value.dtype != want and not (want.kind == "O" and value.dtype.kind in "SUO"):
         raise invalid_argument(f"input '{alias}' has dtype {_np_name(value.dtype)} but the signature expects "
                                f"{dtype_name(info.dtype)}; send {dtype_name(info.dtype)} values")
-    if info.tensor_shape.unknown_rank:
+    if not info.HasField("tensor_shape") or info.tensor_shape.unknown_rank:
+        # No shape (TF1 exports such as TF Serving's saved_model_half_plus_three) is unknown rank,
+        # not a scalar: TF Serving leaves the check to the graph (run() maps its errors).
         return value
     dims = [d.size for d in info.tensor_shape.dim]
     shape = list(value.shape)

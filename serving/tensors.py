@@ -1,7 +1,9 @@
 """Tensor codecs shared by the server and the clients: numpy <-> TensorProto, and TF Serving's JSON.
 
-TensorProto: both `tensor_content` and the typed `*_val` fields are read (clients send either);
-numeric tensors are written as `tensor_content`, the compact form TF Serving itself returns.
+TensorProto: both `tensor_content` and the typed `*_val` fields are read (clients send either).
+Responses are written as TF Serving writes them: in the typed field of their dtype (`float_val`,
+`int64_val`, `bool_val`, `string_val`, ...) by default, in `tensor_content` only with
+--enable_serialization_as_tensor_content (see ndarray_to_proto).
 JSON: values follow the signature's dtype; binary strings travel as {"b64": "..."} (standard
 base64), and outputs whose alias ends in `_bytes` are written that way, as TF Serving does.
 """
@@ -26,19 +28,61 @@ _NUMPY_TO_ENUM = {np.dtype(tf.dtypes.as_dtype(e).as_numpy_dtype): e for e in (
 _ENUM_TO_NUMPY = {e: d for d, e in _NUMPY_TO_ENUM.items()}
 
 
-def ndarray_to_proto(array: np.ndarray, out: tensor_pb2.TensorProto | None = None) -> tensor_pb2.TensorProto:
-    """`array` as a TensorProto; written into `out` (e.g. a response's output entry) when given,
-    which saves building the message twice."""
+# The typed field Tensor::AsProtoField (tensorflow/core/framework/tensor.cc, ProtoHelper<T>)
+# writes per dtype. Fixed-width fields (float, double) and bool (0/1 is a one-byte
+# varint) are the array's little-endian bytes on the wire, so they are written as one packed
+# field: 50k floats take 0.03 ms instead of 2.5 ms through a Python list.
+_PACKED_FIELDS = {  # numpy dtype -> (TensorProto field number, wire dtype)
+    np.dtype(np.float32): (5, "<f4"),  # float_val
+    np.dtype(np.float64): (6, "<f8"),  # double_val
+    np.dtype(np.bool_): (11, "u1"),  # bool_val
+}
+_VARINT_FIELDS = {  # numpy dtype -> repeated field; int8/16 and uint8/16 widen to int_val
+    np.dtype(np.int32): "int_val", np.dtype(np.int16): "int_val", np.dtype(np.int8): "int_val",
+    np.dtype(np.uint8): "int_val", np.dtype(np.uint16): "int_val",
+    np.dtype(np.int64): "int64_val", np.dtype(np.uint32): "uint32_val", np.dtype(np.uint64): "uint64_val",
+}
+_LENGTH_DELIMITED = 2  # protobuf wire type of a packed repeated field
+
+
+def ndarray_to_proto(array: np.ndarray, out: tensor_pb2.TensorProto | None = None,
+                     tensor_content: bool = False) -> tensor_pb2.TensorProto:
+    """`array` as a TensorProto, written into `out` (e.g. a response's output entry) when given.
+
+    Values go to the typed field of their dtype, as TF Serving's Predict writes outputs by default
+    (`Tensor::AsProtoField`); `tensor_content=True` writes the raw bytes instead, as it does with
+    --enable_serialization_as_tensor_content and as tf.make_tensor_proto writes requests.
+    Strings always travel in `string_val`.
+    """
     array = np.asarray(array)
     enum = _NUMPY_TO_ENUM.get(array.dtype)
     proto = tensor_pb2.TensorProto() if out is None else out
-    if enum is None:  # strings and rare types: TensorFlow's own (slower) encoder
+    if enum is None:  # strings (string_val) and rare types: TensorFlow's own (slower) encoder
         proto.CopyFrom(tf.make_tensor_proto(array))
         return proto
     proto.dtype = enum
     proto.tensor_shape.dim.extend(tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in array.shape)
-    proto.tensor_content = np.ascontiguousarray(array).tobytes()
+    if tensor_content:
+        proto.tensor_content = np.ascontiguousarray(array).tobytes()
+    elif array.dtype in _PACKED_FIELDS:
+        number, wire_dtype = _PACKED_FIELDS[array.dtype]
+        data = np.ascontiguousarray(array, dtype=wire_dtype).tobytes()
+        proto.MergeFromString(_varint(number << 3 | _LENGTH_DELIMITED) + _varint(len(data)) + data)
+    elif array.dtype == np.float16:  # half_val holds each value's 16 bits
+        proto.half_val.extend(array.view(np.uint16).ravel().tolist())
+    else:
+        getattr(proto, _VARINT_FIELDS[array.dtype]).extend(array.ravel().tolist())
     return proto
+
+
+def _varint(value: int) -> bytes:
+    """`value` in protobuf's base-128 varint encoding."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def proto_to_ndarray(proto: tensor_pb2.TensorProto, alias: str = "") -> np.ndarray:
