@@ -49,11 +49,14 @@ def _bool(value: str) -> bool:
 
 @dataclasses.dataclass
 class ServerConfig:
+    # Every flag of tensorflow_model_server (tensorflow_serving/model_servers/main.cc, main()'s
+    # flag_list), with its name and default, so a TF Serving command line parses here unchanged.
     port: int = 8500  # gRPC; 0 picks a free port
     grpc_socket_path: str = ""  # also serve gRPC on this unix socket
     rest_api_port: int = 0  # 0 = REST off (as TF Serving); -1 picks a free port
     rest_api_timeout_in_ms: int = 30000  # per REST request
     rest_api_num_threads: int = 0  # accepted for compatibility; the REST server uses a thread per connection
+    rest_api_enable_cors_support: bool = False  # ignored (warning): no CORS headers are sent
     grpc_max_threads: int = 0  # threads for model calls and non-Predict methods; 0 = 4 x CPU cores
     grpc_channel_arguments: str = ""  # k=v,k2=v2 server channel options
     model_name: str = "default"
@@ -61,15 +64,40 @@ class ServerConfig:
     model_config_file: str = ""  # text-format ModelServerConfig; wins over model_name/base_path
     model_config_file_poll_wait_seconds: int = 0  # 0 = read once
     file_system_poll_wait_seconds: int = 1  # rescan version folders
+    allow_version_labels_for_unavailable_models: bool = False  # ignored (warning): labels need an AVAILABLE version
     enable_batching: bool = False
     batching_parameters_file: str = ""
+    enable_per_model_batching_parameters: bool = False  # ignored (warning): one batching config for all models
     monitoring_config_file: str = ""
     ssl_config_file: str = ""
+    use_alts_credentials: bool = False  # refused when true: no ALTS here, and serving without it is insecure
     enable_model_warmup: bool = True
+    num_request_iterations_for_warmup: int = 1  # ignored (warning): each warmup record is replayed once
     enable_grpc_healthcheck_service: bool = False
+    enable_serialization_as_tensor_content: bool = False  # Predict outputs in tensor_content, not *_val
     max_num_load_retries: int = 5  # accepted for compatibility; a failed version stays failed
+    load_retry_interval_micros: int = 60_000_000  # accepted for compatibility, as max_num_load_retries
+    num_load_threads: int = 0  # ignored (warning): versions load one at a time
+    num_unload_threads: int = 0  # ignored (warning)
+    flush_filesystem_caches: bool = True  # ignored (warning): nothing to flush
+    tensorflow_session_parallelism: int = 0  # both thread pools below, where those are 0
     tensorflow_intra_op_parallelism: int = 0  # threads one op may use (0 = TF's default: all cores)
     tensorflow_inter_op_parallelism: int = 0  # ops run at once in one call (0 = TF's default)
+    tensorflow_session_config_file: str = ""  # ignored (warning): use the --tensorflow_*_parallelism flags
+    platform_config_file: str = ""  # refused: it replaces how models load; use the flags above
+    per_process_gpu_memory_fraction: float = 0.0  # ignored (warning): TensorFlow sizes GPU memory itself
+    saved_model_tags: str = "serve"  # only "serve" (refused otherwise: another MetaGraph would be served)
+    remove_unused_fields_from_bundle_metagraph: bool = True  # ignored (warning): a memory saving only
+    prefer_tflite_model: bool = False  # ignored (warning): the SavedModel is served, TF Serving's fallback
+    num_tflite_pools: int = 1  # ignored (warning), as prefer_tflite_model
+    num_tflite_interpreters_per_pool: int = 1  # ignored (warning), as prefer_tflite_model
+    enable_signature_method_name_check: bool = False  # ignored (warning): method names are never checked
+    xla_cpu_compilation_enabled: bool = False  # ignored (warning): models run as exported
+    xla_gpu_compilation_enabled: bool = False  # ignored (warning), as xla_cpu_compilation_enabled
+    enable_profiler: bool = True  # ignored (warning) when false; there is no profiler service to turn off
+    thread_pool_factory_config_file: str = ""  # ignored (warning): requests share TensorFlow's thread pools
+    mixed_precision: str = ""  # ignored (warning): models run in the precision they were exported in
+    skip_initialize_tpu: bool = False  # ignored (warning): no TPU support
     # aekit additions (tensorflow_model_server ignores nothing it does not know: these are
     # stripped before exec'ing it)
     engine: str = "auto"  # auto | embedded | tfserving
@@ -78,17 +106,44 @@ class ServerConfig:
 
 AEKIT_ONLY_FLAGS = ("engine", "host", "max_request_bytes")
 
+# Flags that change nothing here. A pasted TF Serving command line should still start, so a value
+# other than the default is one warning line, not an error: each only tunes performance, memory,
+# a feature with no equivalent here, or relaxes a check that is relaxed already.
+IGNORED_FLAGS = (
+    "rest_api_enable_cors_support", "allow_version_labels_for_unavailable_models",
+    "enable_per_model_batching_parameters", "num_request_iterations_for_warmup", "num_load_threads",
+    "num_unload_threads", "flush_filesystem_caches", "tensorflow_session_config_file",
+    "per_process_gpu_memory_fraction", "remove_unused_fields_from_bundle_metagraph", "prefer_tflite_model",
+    "num_tflite_pools", "num_tflite_interpreters_per_pool", "enable_signature_method_name_check",
+    "xla_cpu_compilation_enabled", "xla_gpu_compilation_enabled", "enable_profiler",
+    "thread_pool_factory_config_file", "mixed_precision", "skip_initialize_tpu",
+)
+
+
+class _FlagParser(argparse.ArgumentParser):
+    """Reports a bad command line in one line (main() prints it), never argparse's usage dump."""
+
+    def error(self, message: str):
+        raise config_files.ConfigFileError(f"{message} (flags are tensorflow_model_server's; aekit serve --help)")
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    return f"TensorFlow ModelServer: aekit embedded server\nTensorFlow Library: {metadata.version('tensorflow')}"
+
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aekit serve", description=__doc__.split("\n\n")[0],
-                                     allow_abbrev=False)
+    parser = _FlagParser(prog="aekit serve", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)  # keeps --version on two lines
+    kinds = {"int": int, "float": float, "str": str}
     for field in dataclasses.fields(ServerConfig):
         flag = f"--{field.name}"
-        if field.type in ("bool", bool):
+        if field.type == "bool":
             parser.add_argument(flag, type=_bool, nargs="?", const=True, default=field.default)
         else:
-            kind = int if field.type in ("int", int) else str
-            parser.add_argument(flag, type=kind, default=field.default)
+            parser.add_argument(flag, type=kinds[field.type], default=field.default)
+    parser.add_argument("--version", action="version", version=_version())  # as TF Serving: print, exit 0
     return parser
 
 
@@ -101,7 +156,38 @@ def parse_flags(argv: list[str]) -> ServerConfig:
         raise config_files.ConfigFileError("Both server_options.model_base_path and "
                                            "server_options.model_config_file are empty! "
                                            "(give --model_base_path or --model_config_file)")
+    _refuse_unsupported(cfg)
+    for name in IGNORED_FLAGS:
+        if getattr(cfg, name) != _DEFAULTS[name]:
+            log.warning("--%s=%s has no effect on the embedded server; ignoring it", name, getattr(cfg, name))
+    # As TF Serving's server.cc: session parallelism sets both pools, each overridden by its own flag.
+    if min(cfg.tensorflow_session_parallelism, cfg.tensorflow_intra_op_parallelism,
+           cfg.tensorflow_inter_op_parallelism) > 0:
+        raise config_files.ConfigFileError(
+            "Either configure server_options.tensorflow_session_parallelism or "
+            "(server_options.tensorflow_intra_op_parallelism, server_options.tensorflow_inter_op_parallelism) "
+            "separately. You cannot configure all.")
+    if cfg.tensorflow_session_parallelism > 0:
+        cfg.tensorflow_intra_op_parallelism = cfg.tensorflow_intra_op_parallelism or cfg.tensorflow_session_parallelism
+        cfg.tensorflow_inter_op_parallelism = cfg.tensorflow_inter_op_parallelism or cfg.tensorflow_session_parallelism
     return cfg
+
+
+_DEFAULTS = {field.name: field.default for field in dataclasses.fields(ServerConfig)}
+
+
+def _refuse_unsupported(cfg: ServerConfig) -> None:
+    """Flags whose request cannot be met and must not be silently dropped."""
+    if cfg.use_alts_credentials:
+        raise config_files.ConfigFileError("--use_alts_credentials is not supported by the embedded server; "
+                                           "use --ssl_config_file for TLS")
+    if cfg.platform_config_file:
+        raise config_files.ConfigFileError("--platform_config_file is not supported by the embedded server; use "
+                                           "--enable_batching/--batching_parameters_file and "
+                                           "--tensorflow_*_parallelism instead")
+    if set(filter(None, cfg.saved_model_tags.split(","))) - {"serve"}:
+        raise config_files.ConfigFileError(f"--saved_model_tags={cfg.saved_model_tags}: the embedded server loads "
+                                           "only the MetaGraph tagged 'serve'")
 
 
 def tf_serving_argv(argv: list[str]) -> list[str]:
