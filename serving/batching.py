@@ -64,6 +64,7 @@ class _Task:
     future: asyncio.Future | None = None  # ... asyncio callers on this, settled on their own loop
     outputs: dict[str, np.ndarray] | None = None
     error: Exception | None = None
+    enqueued: float = dataclasses.field(default_factory=time.monotonic)  # for the queuing-latency metric
 
     def result(self) -> dict[str, np.ndarray]:
         if self.error is not None:
@@ -83,9 +84,10 @@ class _Batch:
 
 
 class BatchScheduler:
-    def __init__(self, options: BatchingOptions, on_batch: Callable[[int, int], None] | None = None):
+    def __init__(self, options: BatchingOptions, on_batch: Callable[[int, int, list[float]], None] | None = None):
+        """`on_batch(rows, padded rows, seconds each request waited)` is called after each batch runs."""
         self.options = options
-        self._on_batch = on_batch or (lambda rows, padded: None)
+        self._on_batch = on_batch or (lambda rows, padded, queued: None)
         self._queues: dict[tuple, collections.deque[_Batch]] = {}
         self._cond = threading.Condition()
         self._stopped = False
@@ -168,10 +170,11 @@ class BatchScheduler:
         return max(0.0, min(pending) + self.options.batch_timeout_micros / 1e6 - time.monotonic())
 
     def _run(self, batch: _Batch) -> None:
+        started = time.monotonic()
         try:
             merged, padded = self._merge(batch.tasks)
             outputs = batch.runner(merged)
-            self._on_batch(batch.rows, padded)
+            self._on_batch(batch.rows, padded, [started - task.enqueued for task in batch.tasks])
             start = 0
             for task in batch.tasks:
                 task.outputs = {k: _rows(v, start, task.rows, padded, k) for k, v in outputs.items()}

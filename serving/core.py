@@ -81,14 +81,13 @@ class DataPlane:
         return self.manager.resolve(spec.name, version, label)
 
     @contextlib.contextmanager
-    def serving(self, api: str, spec: model_pb2.ModelSpec, servable: Servable | None = None):
-        """Resolves the servable for one request (unless given), counts and times the request."""
-        version, signature = "", spec.signature_name or DEFAULT_SIGNATURE
+    def recording(self, api: str, entrypoint: str, model_name: str):
+        """Counts and times one client request, as TF Serving's API layer does: the adapters wrap
+        each Predict/Classify/Regress (gRPC, REST) and REST status/metadata call in it, so a
+        request for an unknown model or with a body that does not parse is counted too."""
         started, status = time.perf_counter(), "OK"
         try:
-            servable = servable or self.resolve(spec)
-            version = str(servable.version)
-            yield servable
+            yield
         except ServingError as e:
             status = e.code.name
             raise
@@ -96,46 +95,58 @@ class DataPlane:
             status = "INTERNAL"
             raise
         finally:
-            self.metrics.observe_request(spec.name, version, signature, api, status, time.perf_counter() - started)
+            self.metrics.observe_request(model_name, api, entrypoint, status, time.perf_counter() - started)
+
+    @contextlib.contextmanager
+    def timing_runtime(self, model_name: str, api: str):
+        """Times the model run alone (TF Serving's runtime_latency)."""
+        started = time.perf_counter()
+        yield
+        self.metrics.observe_runtime(model_name, api, time.perf_counter() - started)
 
     # ---- Predict ------------------------------------------------------------------------
     def predict(self, spec: model_pb2.ModelSpec, inputs: dict[str, np.ndarray],
                 output_filter=(), servable: Servable | None = None, timeout: float | None = None
                 ) -> tuple[Resolved, dict[str, np.ndarray]]:
-        with self.serving("predict", spec, servable) as servable:
-            resolved = Resolved(servable, spec.signature_name or DEFAULT_SIGNATURE)
-            outputs = self.run_predict(servable, resolved.signature_name, inputs, output_filter, timeout)
-            return resolved, outputs
+        servable = servable or self.resolve(spec)
+        resolved = Resolved(servable, spec.signature_name or DEFAULT_SIGNATURE)
+        return resolved, self.run_predict(servable, resolved.signature_name, inputs, output_filter, timeout)
 
     def run_predict(self, servable: Servable, signature_name: str, inputs: dict[str, np.ndarray],
                     output_filter=(), timeout: float | None = None) -> dict[str, np.ndarray]:
         plan = _PredictPlan.of(servable, signature_name, inputs, output_filter)
-        if self.batcher is None or not plan.inputs:
-            return plan.finish(plan.run(plan.inputs))
-        return plan.finish(self.batcher.run(plan.batch_key, plan.inputs, plan.run, timeout))
+        with self.timing_runtime(servable.name, "Predict"):  # with batching, as TF Serving: the wait too
+            if self.batcher is None or not plan.inputs:
+                outputs = plan.run(plan.inputs)
+            else:
+                outputs = self.batcher.run(plan.batch_key, plan.inputs, plan.run, timeout)
+        return plan.finish(outputs)
 
     async def predict_async(self, spec: model_pb2.ModelSpec, inputs: dict[str, np.ndarray], output_filter=(),
                             timeout: float | None = None, executor=None) -> tuple[Resolved, dict[str, np.ndarray]]:
         """`predict` for the asyncio gRPC server: batched requests wait on a future, not a thread;
         unbatched ones run the model in `executor`."""
-        with self.serving("predict", spec) as servable:
-            resolved = Resolved(servable, spec.signature_name or DEFAULT_SIGNATURE)
-            plan = _PredictPlan.of(servable, resolved.signature_name, inputs, output_filter)
+        servable = self.resolve(spec)
+        resolved = Resolved(servable, spec.signature_name or DEFAULT_SIGNATURE)
+        plan = _PredictPlan.of(servable, resolved.signature_name, inputs, output_filter)
+        with self.timing_runtime(servable.name, "Predict"):
             if self.batcher is None or not plan.inputs:
                 outputs = await asyncio.get_running_loop().run_in_executor(executor, plan.run, plan.inputs)
             else:
                 outputs = await self.batcher.run_async(plan.batch_key, plan.inputs, plan.run, timeout)
-            return resolved, plan.finish(outputs)
+        return resolved, plan.finish(outputs)
 
     # ---- Classify / Regress / MultiInference ---------------------------------------------
     def classify(self, spec: model_pb2.ModelSpec, input_proto: input_pb2.Input
                  ) -> tuple[Resolved, classification_pb2.ClassificationResult]:
-        with self.serving("classify", spec) as servable:
-            return self._classify_on(servable, spec.signature_name or DEFAULT_SIGNATURE, input_proto)
+        servable = self.resolve(spec)
+        resolved, result = self._classify_on(servable, spec.signature_name or DEFAULT_SIGNATURE, input_proto)
+        self.metrics.observe_examples(servable.name, len(result.classifications))
+        return resolved, result
 
     def _classify_on(self, servable: Servable, signature_name: str, input_proto: input_pb2.Input):
         signature = self._method_signature(servable, signature_name, CLASSIFY_METHOD, "classification")
-        outputs = self._run_on_examples(servable, signature_name, signature, input_proto)
+        outputs = self._run_on_examples(servable, signature_name, signature, input_proto, "Classify")
         classes, scores = outputs.get("classes"), outputs.get("scores")
         count = len(classes if classes is not None else scores)
         if scores is not None and scores.ndim == 1:
@@ -156,12 +167,14 @@ class DataPlane:
 
     def regress(self, spec: model_pb2.ModelSpec, input_proto: input_pb2.Input
                 ) -> tuple[Resolved, regression_pb2.RegressionResult]:
-        with self.serving("regress", spec) as servable:
-            return self._regress_on(servable, spec.signature_name or DEFAULT_SIGNATURE, input_proto)
+        servable = self.resolve(spec)
+        resolved, result = self._regress_on(servable, spec.signature_name or DEFAULT_SIGNATURE, input_proto)
+        self.metrics.observe_examples(servable.name, len(result.regressions))
+        return resolved, result
 
     def _regress_on(self, servable: Servable, signature_name: str, input_proto: input_pb2.Input):
         signature = self._method_signature(servable, signature_name, REGRESS_METHOD, "regression")
-        outputs = self._run_on_examples(servable, signature_name, signature, input_proto)
+        outputs = self._run_on_examples(servable, signature_name, signature, input_proto, "Regress")
         values = outputs["outputs"].reshape(-1)
         result = regression_pb2.RegressionResult()
         for v in values:
@@ -176,19 +189,20 @@ class DataPlane:
             raise invalid_argument("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
         if len({t.model_spec.signature_name for t in request.tasks}) != len(request.tasks):
             raise invalid_argument("Duplicate evaluation of signature")
-        with self.serving("multi_inference", first) as servable:
-            response = inference_pb2.MultiInferenceResponse()
-            for task in request.tasks:
-                name = task.model_spec.signature_name or DEFAULT_SIGNATURE
-                if task.method_name == CLASSIFY_METHOD:
-                    resolved, result = self._classify_on(servable, name, request.input)
-                    response.results.add(model_spec=resolved.model_spec(), classification_result=result)
-                elif task.method_name == REGRESS_METHOD:
-                    resolved, result = self._regress_on(servable, name, request.input)
-                    response.results.add(model_spec=resolved.model_spec(), regression_result=result)
-                else:
-                    raise invalid_argument(f"Unsupported signature method_name: {task.method_name}")
-            return response
+        servable = self.resolve(first)
+        response = inference_pb2.MultiInferenceResponse()
+        for task in request.tasks:
+            name = task.model_spec.signature_name or DEFAULT_SIGNATURE
+            if task.method_name == CLASSIFY_METHOD:
+                resolved, result = self._classify_on(servable, name, request.input)
+                response.results.add(model_spec=resolved.model_spec(), classification_result=result)
+            elif task.method_name == REGRESS_METHOD:
+                resolved, result = self._regress_on(servable, name, request.input)
+                response.results.add(model_spec=resolved.model_spec(), regression_result=result)
+            else:
+                raise invalid_argument(f"Unsupported signature method_name: {task.method_name}")
+        self.metrics.observe_examples(servable.name, len(serialize_examples(request.input)))
+        return response
 
     def _method_signature(self, servable: Servable, name: str, method: str, what: str
                           ) -> meta_graph_pb2.SignatureDef:
@@ -209,9 +223,11 @@ class DataPlane:
                                    f"{' or '.join(sorted(wanted))}. Signature {name} has {sorted(signature.outputs)}")
         return signature
 
-    def _run_on_examples(self, servable, signature_name, signature, input_proto) -> dict[str, np.ndarray]:
+    def _run_on_examples(self, servable, signature_name, signature, input_proto, api: str) -> dict[str, np.ndarray]:
         keys = [k for k in ("classes", "scores", "outputs") if k in signature.outputs]
-        return servable.run(signature_name, {"inputs": serialize_examples(input_proto)}, keys)
+        examples = serialize_examples(input_proto)
+        with self.timing_runtime(servable.name, api):
+            return servable.run(signature_name, {"inputs": examples}, keys)
 
     # ---- Metadata / status / reload ----------------------------------------------------
     def metadata(self, spec: model_pb2.ModelSpec, fields) -> tuple[Servable, meta_graph_pb2.SignatureDef]:
@@ -236,16 +252,21 @@ class DataPlane:
         path = Path(servable.path) / WARMUP_FILE
         if not path.is_file():
             return 0
-        count = 0
+        count, started, status = 0, time.perf_counter(), "INTERNAL"
         try:
             for record in tf.data.TFRecordDataset(str(path)).take(MAX_WARMUP_RECORDS):
                 log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
                 self._replay(servable, log)
                 count += 1
+            status = "OK"
         except tf.errors.DataLossError as e:
+            status = f"DATA_LOSS: {e.message}"
             raise LoadError(f"warmup file {path} is corrupt: {e.message}") from None
         except ServingError as e:
+            status = f"{e.code.name}: {e.message}"
             raise LoadError(f"warmup record {count} in {path} failed: {e.message}") from None
+        finally:  # labelled as saved_model_warmup_util.cc does: export dir, absl::Status::ToString()
+            self.metrics.observe_warmup(str(servable.path), status, time.perf_counter() - started)
         return count
 
     def _replay(self, servable: Servable, log: prediction_log_pb2.PredictionLog) -> None:

@@ -74,6 +74,26 @@ def _map_errors(method):
     return wrapper
 
 
+def _recorded(api: str):
+    """Counts and times the call as TF Serving's PredictionServiceImpl does for Predict, Classify
+    and Regress (model_servers/prediction_service_impl.cc; GetModelMetadata and MultiInference
+    are not recorded there either)."""
+    def decorate(method):
+        if inspect.iscoroutinefunction(method):
+            @functools.wraps(method)
+            async def async_wrapper(self, request, context):
+                with self.core.recording(api, "GRPC", request.model_spec.name):
+                    return await method(self, request, context)
+            return async_wrapper
+
+        @functools.wraps(method)
+        def wrapper(self, request, context):
+            with self.core.recording(api, "GRPC", request.model_spec.name):
+                return method(self, request, context)
+        return wrapper
+    return decorate
+
+
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     def __init__(self, core: DataPlane, executor: futures.Executor | None = None):
         self.core, self.executor = core, executor
@@ -82,6 +102,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.Predict = self._predict_async if core.batcher is not None else self._predict_sync
 
     @_map_errors
+    @_recorded("Predict")
     async def _predict_async(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
         inputs = {alias: proto_to_ndarray(t, alias) for alias, t in request.inputs.items()}
         resolved, outputs = await self.core.predict_async(request.model_spec, inputs, request.output_filter,
@@ -89,6 +110,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         return _predict_response(resolved, outputs, self.core.response_tensor_content)
 
     @_map_errors
+    @_recorded("Predict")
     def _predict_sync(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
         inputs = {alias: proto_to_ndarray(t, alias) for alias, t in request.inputs.items()}
         resolved, outputs = self.core.predict(request.model_spec, inputs, request.output_filter,
@@ -96,11 +118,13 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         return _predict_response(resolved, outputs, self.core.response_tensor_content)
 
     @_map_errors
+    @_recorded("Classify")
     def Classify(self, request, context) -> classification_pb2.ClassificationResponse:
         resolved, result = self.core.classify(request.model_spec, request.input)
         return classification_pb2.ClassificationResponse(model_spec=resolved.model_spec(), result=result)
 
     @_map_errors
+    @_recorded("Regress")
     def Regress(self, request, context) -> regression_pb2.RegressionResponse:
         resolved, result = self.core.regress(request.model_spec, request.input)
         return regression_pb2.RegressionResponse(model_spec=resolved.model_spec(), result=result)

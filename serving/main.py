@@ -32,6 +32,7 @@ from serving.grpc_server import GrpcServer
 from serving.manager import ModelManager
 from serving.metrics import ServerMetrics
 from serving.rest_server import RestApi, RestServer
+from serving.servable import Servable
 
 log = logging.getLogger("aekit.serve")
 TF_SERVING_BINARY = "tensorflow_model_server"
@@ -261,7 +262,7 @@ class EmbeddedServer:
             except ValueError as e:
                 raise config_files.ConfigFileError(f"{cfg.batching_parameters_file}: {e}") from None
             batcher = BatchScheduler(options, self.metrics.observe_batch)
-        self.manager = ModelManager(on_event=self._on_event)
+        self.manager = ModelManager(loader=self.metrics.timed_loader(Servable), on_event=self._on_event)
         self.core = DataPlane(self.manager, self.metrics, batcher, cfg.enable_serialization_as_tensor_content)
         if cfg.enable_model_warmup:
             self.manager.warmup = self.core.warmup  # the core replays the records; it needs the manager first
@@ -287,8 +288,6 @@ class EmbeddedServer:
         return server
 
     def _on_event(self, event: str, name: str, version: int) -> None:
-        if event in ("load", "unload", "load_failure"):
-            self.metrics.observe_load_event(event, name, version)
         if self.health is not None:
             self.health.update()
 

@@ -85,19 +85,23 @@ class RestApi:
             return 500, "application/json", dumps({"error": f"internal error: {e}"})
 
     def _route(self, method: str, path: str, body: bytes):
+        # Each model call is counted and timed (request_count, request_latency) under TF Serving's
+        # API names, with entrypoint REST.
         if method == "POST" and (m := PREDICT_RE.fullmatch(path)):
             name, version, label, verb = m.groups()
-            request = _parse_json(body)
-            spec = _spec(name, version, label, str(request.get("signature_name", "")))
-            if verb.lower() == "predict":
-                return self.predict(spec, request)
-            return self.classify_or_regress(spec, request, verb.lower())
+            with self.core.recording(verb.lower().capitalize(), "REST", name):
+                request = _parse_json(body)
+                spec = _spec(name, version, label, str(request.get("signature_name", "")))
+                if verb.lower() == "predict":
+                    return self.predict(spec, request)
+                return self.classify_or_regress(spec, request, verb.lower())
         if method == "GET" and (m := GET_RE.fullmatch(path)) and m.group(1):
             name, version, label, metadata = m.groups()
-            spec = _spec(name, version, label)
-            if metadata:
-                return self.metadata(spec)
-            return _proto_json(status_response(self.core.status(spec)))
+            with self.core.recording("GetModelMetadata" if metadata else "GetModelStatus", "REST", name):
+                spec = _spec(name, version, label)
+                if metadata:
+                    return self.metadata(spec)
+                return _proto_json(status_response(self.core.status(spec)))
         if path.lower().startswith("/v1/"):
             raise invalid_argument(f"Malformed request: {method} {path}")
         raise ServingError(grpc.StatusCode.NOT_FOUND, f"Not found: {method} {path}")

@@ -74,7 +74,7 @@ def test_server_process_end_to_end(tmp_path):
         assert ys == (0.5 * xs + 2).tolist()
         import urllib.request
         metrics = urllib.request.urlopen(server.rest_url + "/metrics", timeout=10).read().decode()
-        assert ":tensorflow:serving:batching_session:batch_size_count" in metrics
+        assert ":tensorflow:serving:batching_session:input_batch_size_count" in metrics
 
         # health on the batching (grpc.aio) server
         from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -151,7 +151,7 @@ def test_batching_gives_each_caller_its_own_rows(tmp_path, model_versions):
     batches = []
     options = BatchingOptions(max_batch_size=8, batch_timeout_micros=20000, num_batch_threads=1,
                               allowed_batch_sizes=(4, 8))
-    core = DataPlane(manager, batcher=BatchScheduler(options, lambda rows, padded: batches.append((rows, padded))))
+    core = DataPlane(manager, batcher=BatchScheduler(options, lambda rows, padded, queued: batches.append((rows, padded))))
     xs = np.arange(40, dtype=np.float32)
     with futures.ThreadPoolExecutor(16) as pool:
         ys = list(pool.map(lambda x: predict_y(core, float(x)), xs))
