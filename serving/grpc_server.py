@@ -182,6 +182,26 @@ def status_response(states) -> get_model_status_pb2.GetModelStatusResponse:
     return response
 
 
+class ListingHealthServicer(health.HealthServicer):
+    """grpcio-health-checking's servicer with grpc.health.v1.Health/List, which its newest release
+    (1.85) leaves UNIMPLEMENTED though the service (and so reflection) lists it. List answers
+    each service Check would, from the servicer's own state."""
+
+    def __init__(self):
+        super().__init__()
+        self._names: set[str] = set()
+
+    def set(self, service: str, status) -> None:
+        super().set(service, status)
+        self._names.add(service)
+
+    def List(self, request, context) -> health_pb2.HealthListResponse:
+        response = health_pb2.HealthListResponse()
+        for service in sorted(self._names):
+            response.statuses[service].CopyFrom(self.Check(health_pb2.HealthCheckRequest(service=service), context))
+        return response
+
+
 class HealthReporter:
     """Feeds grpc.health.v1 from the model manager: SERVING only once the models are AVAILABLE."""
 
@@ -205,7 +225,7 @@ def _add_services(server, core: DataPlane, pool: futures.Executor, enable_health
              model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name]
     reporter = None
     if enable_health:
-        servicer = health.HealthServicer()
+        servicer = ListingHealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
         reporter = HealthReporter(servicer, core)
         reporter.update()
