@@ -5,7 +5,8 @@
 Both compute y = a*x + b (a=0.5, b=2 by default) under TF Serving's signature names:
 serving_default (x -> y), classify_x_to_y, regress_x_to_y, regress_x_to_y2 (0.5x+3) and
 regress_x2_to_y3. One is a TF2 tf.Module, one a TF1 graph written with saved_model.Builder
-(served through the TF1 Session path, as TF Serving's C++ loader does).
+(served through the TF1 Session path, as TF Serving's C++ loader does). write_tf1_shapeless is
+the TF1 export whose signature declares no shapes, like TF Serving's saved_model_half_plus_three.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 import tensorflow as tf
+from tensorflow.core.protobuf import meta_graph_pb2
 
 
 def _parse(serialized, key):
@@ -81,6 +83,42 @@ def write_tf1(version_dir: str | Path, b: float = 2.0) -> Path:
                 {"inputs": info(x2)}, {"outputs": info(y3)}, "tensorflow/serving/regress"),
         }
         builder = utils.Builder(str(version_dir))
+        builder.add_meta_graph_and_variables(session, ["serve"], signature_def_map=signatures)
+        builder.save()
+    return Path(version_dir)
+
+
+def write_tf1_shapeless(version_dir: str | Path, b: float = 3.0) -> Path:
+    """A TF1 graph like TF Serving's saved_model_half_plus_three: y = 0.5*x + b, whose signature
+    TensorInfos carry NO tensor_shape while the graph has x and y as [?, 1] (serving_default).
+    More signatures: `any_rank` (x of unknown rank in the graph too: anything goes), `vector` (the
+    graph itself insists on rank 1, so other shapes fail inside the Session run) and `misdeclared`
+    (declares x as [-1] though the graph takes [?, 1]: the Session's own feed check refuses [N])."""
+    graph = tf.Graph()
+    with graph.as_default(), tf.compat.v1.Session(graph=graph) as session:
+        a = tf.compat.v1.Variable(0.5, name="a")
+        bias = tf.compat.v1.Variable(b, name="b")
+        x = tf.compat.v1.placeholder(tf.float32, [None, 1], name="x")
+        y = tf.add(a * x, bias, name="y")
+        x_any = tf.compat.v1.placeholder(tf.float32, None, name="x_any")
+        y_any = tf.add(a * x_any, bias, name="y_any")
+        y_vector = tf.add(a * tf.ensure_shape(x_any, [None]), bias, name="y_vector")
+        session.run(tf.compat.v1.global_variables_initializer())
+
+        def shapeless(tensor):  # what old TF1 exporters wrote: a name and a dtype, no shape
+            return meta_graph_pb2.TensorInfo(name=tensor.name, dtype=tensor.dtype.as_datatype_enum)
+
+        def predict(inputs, outputs):
+            return tf.compat.v1.saved_model.build_signature_def(
+                {k: shapeless(v) for k, v in inputs.items()}, {k: shapeless(v) for k, v in outputs.items()},
+                "tensorflow/serving/predict")
+
+        signatures = {"serving_default": predict({"x": x}, {"y": y}),
+                      "any_rank": predict({"x": x_any}, {"y": y_any}),
+                      "vector": predict({"x": x_any}, {"y": y_vector}),
+                      "misdeclared": predict({"x": x}, {"y": y})}
+        signatures["misdeclared"].inputs["x"].tensor_shape.dim.add(size=-1)
+        builder = tf.compat.v1.saved_model.Builder(str(version_dir))
         builder.add_meta_graph_and_variables(session, ["serve"], signature_def_map=signatures)
         builder.save()
     return Path(version_dir)
