@@ -137,12 +137,14 @@ def write_conformance_models(root: str | Path) -> Path:
     root = Path(root).resolve()
     write_tf2(root / "half_plus_two" / "00000123")
     write_tf1(root / "half_plus_two_tf1" / "00000123")
+    write_tf1_shapeless(root / "half_plus_three" / "00000123")
     write_tf2(root / "two_versions" / "00000123", b=2.0)
     write_tf2(root / "two_versions" / "00000124", b=3.0)
     config = root / "models.config"
     config.write_text(f"""model_config_list {{
   config {{ name: "half_plus_two" base_path: "{root / 'half_plus_two'}" model_platform: "tensorflow" }}
   config {{ name: "half_plus_two_tf1" base_path: "{root / 'half_plus_two_tf1'}" model_platform: "tensorflow" }}
+  config {{ name: "half_plus_three" base_path: "{root / 'half_plus_three'}" model_platform: "tensorflow" }}
   config {{
     name: "two_versions" base_path: "{root / 'two_versions'}" model_platform: "tensorflow"
     model_version_policy {{ all {{}} }}

@@ -1,10 +1,6 @@
 """The conformance target: the embedded server on fixture models, or any server you point it at.
 
-To check a real TensorFlow Serving with the same suite:
-    python -m tests.model_fixtures /tmp/cm
-    tensorflow_model_server --port=8500 --rest_api_port=8501 --model_config_file=/tmp/cm/models.config
-    AEKIT_CONFORMANCE_GRPC=localhost:8500 AEKIT_CONFORMANCE_REST=http://localhost:8501 \
-        pytest tests/conformance -m "not embedded_only"
+To check a real TensorFlow Serving with the same suite, see README.md beside this file.
 """
 
 from __future__ import annotations
@@ -19,10 +15,10 @@ import grpc
 import pytest
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
-from tests.model_fixtures import write_conformance_models
+from tests.model_fixtures import write_conformance_models, write_tf2
 from tests.server_process import running_server
 
-MODELS = ["half_plus_two", "half_plus_two_tf1", "two_versions"]
+MODELS = ["half_plus_two", "half_plus_two_tf1", "half_plus_three", "two_versions"]
 
 
 @dataclasses.dataclass
@@ -70,6 +66,27 @@ def target(tmp_path_factory):
     with running_server(flags, root / "server.log", MODELS) as server:
         with grpc.insecure_channel(server.grpc_address) as channel:
             yield Target(server.grpc_address, server.rest_url, channel, embedded=True)
+
+
+@pytest.fixture(scope="session")
+def tensor_content_target(tmp_path_factory) -> prediction_service_pb2_grpc.PredictionServiceStub:
+    """A PredictionService started with --enable_serialization_as_tensor_content: a second embedded
+    server, or the one AEKIT_CONFORMANCE_GRPC_TENSOR_CONTENT names (serving half_plus_two)."""
+    address = os.environ.get("AEKIT_CONFORMANCE_GRPC_TENSOR_CONTENT")
+    if address:
+        with grpc.insecure_channel(address) as channel:
+            yield prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        return
+    if os.environ.get("AEKIT_CONFORMANCE_GRPC"):
+        pytest.skip("set AEKIT_CONFORMANCE_GRPC_TENSOR_CONTENT to a server started with "
+                    "--enable_serialization_as_tensor_content")
+    root = tmp_path_factory.mktemp("tensor_content")
+    write_tf2(root / "half_plus_two" / "00000123")
+    flags = [f"--model_base_path={root / 'half_plus_two'}", "--model_name=half_plus_two",
+             "--enable_serialization_as_tensor_content"]
+    with running_server(flags, root / "server.log", ["half_plus_two"]) as server:
+        with grpc.insecure_channel(server.grpc_address) as channel:
+            yield prediction_service_pb2_grpc.PredictionServiceStub(channel)
 
 
 @pytest.fixture

@@ -50,6 +50,28 @@ def code_and_message(call, request):
 
 
 @pytest.mark.parametrize("model", ["half_plus_two", "half_plus_two_tf1"])
+def test_predict_outputs_in_typed_fields(target, model):
+    # ServerCore's default predict_response_tensor_serialization_option is kAsProtoField
+    y = target.predict.Predict(predict_request([[1.0], [2.0], [3.0]], name=model), timeout=30).outputs["y"]
+    assert list(y.float_val) == [2.5, 3.0, 3.5] and not y.tensor_content
+    assert (y.dtype, [d.size for d in y.tensor_shape.dim]) == (tf.float32.as_datatype_enum, [3, 1])
+
+
+def test_tf_serving_end_to_end_check_of_float_val(target):
+    # tensorflow_model_server_test.py's _VerifyModelSpec pattern: one value in, one float_val out
+    response = target.predict.Predict(predict_request([2.0]), timeout=30)
+    assert len(response.outputs["y"].float_val) == 1 and response.outputs["y"].float_val[0] == 3.0
+
+
+@pytest.mark.slow
+def test_predict_outputs_in_tensor_content_with_the_flag(tensor_content_target):
+    response = tensor_content_target.Predict(predict_request([[1.0], [2.0]]), timeout=30)
+    y = response.outputs["y"]
+    assert not y.float_val and np.frombuffer(y.tensor_content, np.float32).tolist() == [2.5, 3.0]
+    assert tf.make_ndarray(y).tolist() == [[2.5], [3.0]]
+
+
+@pytest.mark.parametrize("model", ["half_plus_two", "half_plus_two_tf1"])
 def test_predict_tensor_content_echoes_resolved_spec(target, model):
     response = target.predict.Predict(predict_request([[1.0], [2.0], [3.0]], name=model), timeout=30)
     assert tf.make_ndarray(response.outputs["y"]).tolist() == [[2.5], [3.0], [3.5]]
@@ -134,6 +156,13 @@ def test_health_reports_serving_per_service(target):
     for service in ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"):
         status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
         assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_list_is_implemented(target, embedded_only):
+    # reflection lists grpc.health.v1.Health, so every method of it must answer
+    stub = health_pb2_grpc.HealthStub(target.channel)
+    statuses = stub.List(health_pb2.HealthListRequest(), timeout=10).statuses
+    assert statuses[""].status == health_pb2.HealthCheckResponse.SERVING
 
 
 ERRORS = [

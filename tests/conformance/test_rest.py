@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import tensorflow as tf
+from prometheus_client.parser import text_string_to_metric_families
+from tensorflow_serving.apis import model_pb2, predict_pb2
 
 
 def test_status_json(target):
@@ -80,12 +83,27 @@ def test_bad_predict_bodies_are_400_with_error(target, body):
     assert status == 400 and isinstance(reply, dict) and set(reply) == {"error"} and reply["error"]
 
 
-def test_prometheus_metrics(target, embedded_only):
-    target.rest("POST", "/v1/models/half_plus_two:predict", {"instances": [1.0]})
+def test_rest_documentation_example_on_a_shapeless_signature(target):
+    # TF Serving's REST API doc, on saved_model_half_plus_three (its signature declares no shapes)
+    assert target.rest("POST", "/v1/models/half_plus_three:predict", {"instances": [1.0, 2.0, 5.0]}) == \
+        (200, {"predictions": [3.5, 4.0, 5.5]})
+
+
+def test_prometheus_metrics_have_tf_servings_names(target):
+    # Series that TF Serving records for a gRPC Predict (prediction_service_impl.cc, predict_util.cc)
+    predict = target.predict.Predict
+    predict(predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name="half_plus_two"),
+                                       inputs={"x": tf.make_tensor_proto([[1.0]])}), timeout=30)
     status, text = target.rest("GET", "/monitoring/prometheus/metrics")
     assert status == 200
-    counts = [line for line in text.splitlines() if line.startswith(":tensorflow:serving:request_count_total{")]
-    assert any('model_name="half_plus_two"' in line and 'status="OK"' in line and 'version="123"' in line
-               and 'signature_name="serving_default"' in line for line in counts), counts
-    assert ":tensorflow:serving:request_latency_seconds_bucket" in text
-    assert ":tensorflow:serving:model_load_events_total" in text
+    page = {f.name: f for f in text_string_to_metric_families(text)}
+    count = page[":tensorflow:serving:request_count"]
+    assert count.type == "counter" and "# TYPE :tensorflow:serving:request_count counter" in text
+    assert any(s.labels == {"model_name": "half_plus_two", "status": "OK"} for s in count.samples)
+    latency = page[":tensorflow:serving:request_latency"]
+    assert latency.type == "histogram"
+    assert any(s.labels.get("API") == "Predict" and s.labels.get("entrypoint") == "GRPC"
+               and s.labels.get("model_name") == "half_plus_two" for s in latency.samples)
+    runtime = page[":tensorflow:serving:runtime_latency"]
+    assert any(s.labels.get("runtime") == "TF1" for s in runtime.samples)
+    assert "_created" not in text and ":tensorflow:serving:request_count_total" not in text
