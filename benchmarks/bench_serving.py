@@ -2,7 +2,9 @@
 
     python -m benchmarks.bench_serving            # or: make bench
     # in-process signature calls (the ceiling) | gRPC | REST, batch 1 and 64, concurrency 1/16/64,
-    # server batching off and on; server memory after 1,000 vs 100,000 requests
+    # server batching off and on; server memory after 1,000 vs 100,000 requests; Predict outputs
+    # in typed float_val (TF Serving's default, the grid's) vs tensor_content
+    python -m benchmarks.bench_serving --serialization-only   # just that last comparison
 
 Targets: single-image gRPC p50 at most 1 ms above the in-process call; with batching on, 64
 concurrent single-image gRPC clients get >= 2x the throughput of batching off; server memory
@@ -158,8 +160,39 @@ def batching_gain(off, on, requests: int, rounds: int = 3) -> dict:
             "gain": float(np.median(runs["on"]) / np.median(runs["off"]))}
 
 
+def serialization_comparison(typed, content, requests: int, rounds: int = 3) -> dict:
+    """64-image gRPC Predicts (one client) against a server writing outputs in the typed float_val
+    (TF Serving's default) and one started with --enable_serialization_as_tensor_content, in turn;
+    medians of `rounds` runs each."""
+    runs = {"typed": [], "tensor_content": []}
+    for _ in range(rounds):
+        for name, server in (("typed", typed), ("tensor_content", content)):
+            report = loadtest.run(loadtest.LoadConfig(server=server.grpc_address, model=MODEL, concurrency=1,
+                                                      requests=requests, duration=3600, batch_size=64))
+            if report["errors"]:
+                raise RuntimeError(f"{name}: {report['errors_by_code']} errors")
+            runs[name].append(report["latency_ms"]["p50"])
+    medians = {name: float(np.median(values)) for name, values in runs.items()}
+    print(f"  64-image gRPC p50, alternating runs: typed float_val {_ms(runs['typed'])} ms, tensor_content "
+          f"{_ms(runs['tensor_content'])} ms (median ratio {medians['typed'] / medians['tensor_content']:.2f})",
+          flush=True)
+    return {"requests_per_run": requests, "p50_ms": runs, "typed_over_tensor_content": medians["typed"]
+            / medians["tensor_content"]}
+
+
+def serialization_of(typed, flags: list[str], root: Path, requests: int) -> dict:
+    """The grid's rows use TF Serving's default typed fields; this compares them with tensor_content."""
+    content_flags = flags + ["--enable_serialization_as_tensor_content"]
+    with running_server(content_flags, root / "server-tensor-content.log", [MODEL]) as content:
+        return serialization_comparison(typed, content, requests)
+
+
 def _rates(values: list[float]) -> str:
     return ", ".join(f"{v:.0f}" for v in values)
+
+
+def _ms(values: list[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
 
 
 def rss_mib(pid: int) -> float:
@@ -204,6 +237,7 @@ def run(output_dir: str = "bench-output", requests: int = 2000, duration: float 
         memory = memory_growth(off, memory_requests)
         rows += server_rows(on, True, requests, duration)
         gain = batching_gain(off, on, 4 * requests)
+        serialization = serialization_of(off, flags, root, requests // 4)
 
     def find(protocol, batch, concurrency, batching=None):
         return next(r for r in rows if r["protocol"] == protocol and r["batch_size"] == batch
@@ -216,6 +250,7 @@ def run(output_dir: str = "bench-output", requests: int = 2000, duration: float 
         "grpc_p50_minus_in_process_ms_shared_cores": shared_gap,
         "batching_throughput_gain_64_clients": gain["gain"],
         "batching_gain_runs": gain,
+        "serialization": serialization,
         "batching_throughput_gain_64_clients_grid": find("grpc", 1, 64, True)["throughput_rps"]
         / find("grpc", 1, 64, False)["throughput_rps"],
     }
@@ -238,8 +273,17 @@ if __name__ == "__main__":
     parser.add_argument("--memory-requests", type=int, default=100_000)
     parser.add_argument("--ceiling-of", metavar="VERSION_DIR",
                         help="only print the in-process single-image row for this export, as JSON")
+    parser.add_argument("--serialization-only", action="store_true",
+                        help="only compare typed *_val and tensor_content Predict responses (64 images)")
     args = parser.parse_args()
-    if args.ceiling_of:
+    if args.serialization_only:
+        root = Path(args.output_dir) / "serving"
+        version = export_model(root / "models")
+        flags = [f"--model_name={MODEL}", f"--model_base_path={version.parent}",
+                 f"--tensorflow_intra_op_parallelism={INTRA_OP_THREADS}"]
+        with running_server(flags, root / "server-typed.log", [MODEL]) as typed:
+            print(json.dumps(serialization_of(typed, flags, root, args.requests // 4)))
+    elif args.ceiling_of:
         tf.config.threading.set_intra_op_parallelism_threads(INTRA_OP_THREADS)
         gc.freeze()
         print(json.dumps(in_process(Path(args.ceiling_of), 1, 1, args.requests)))
