@@ -33,9 +33,10 @@ has a `_created` twin. Each metric below names the TF Serving source that record
       TF Serving metrics page shows as it exports every TensorFlow metric
 
 Left out, and why:
-  - the three batching_session batch sizes are Percentile samplers in TF Serving, which its
-    exporter writes as one untyped sample (SerializeScalar); prometheus-client has no percentile
-    type, so they are histograms under the same names (their _sum/_count/_bucket are extra series)
+  - the three batching_session batch sizes are Percentile samplers in TF Serving, and its exporter
+    writes only histogram values as histograms (util/prometheus_exporter.cc SerializeMetric; the
+    rest go to its scalar writer); prometheus-client has no percentile type, so here they are
+    histograms under the same names (their _bucket/_sum/_count series are TF Serving's only by name)
   - `:tensorflow:cc:saved_model:load_latency_by_stage` (restore vs init stages): a load here is one
     step (tf.saved_model.load or a Session load), with no stages to time apart
   - `:tensorflow:serving:model_warmup_records_read`: not found in TF Serving's source; the warmup
