@@ -48,6 +48,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every-steps", type=int)
     p.add_argument("--steps-per-loop", type=int, help="training steps per tf.function call")
     p.add_argument("--max-examples", type=int, help="keep only the first N training examples")
+    p.add_argument("--normal-classes", help="anomaly detection: train on these labels only, e.g. 3 or 0,1,7")
+    p.add_argument("--threshold-fpr", type=float,
+                   help="anomaly threshold that flags this fraction of held-out normal data (default 0.01)")
     p.add_argument("--smoke", action="store_true", default=None, help="a seconds-long run")
     p.add_argument("--multiworker-local", type=int, metavar="N",
                    help="run N local worker processes with MultiWorkerMirroredStrategy")
@@ -91,14 +94,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from training import jobs
 
-    print(f"exported {jobs.export_job(args.workdir, args.model_base_path)}")
+    print(f"exported {jobs.export_job(args.workdir, args.model_base_path, args.threshold_fpr)}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from training import jobs
 
-    metrics = jobs.evaluate_job(args.model_base_path, args.dataset, args.noise_factor, args.data_dir)
+    if args.anomaly:
+        from training import anomaly
+
+        metrics = anomaly.evaluate_anomaly(args.model_base_path, args.dataset, args.normal_classes or "",
+                                           args.anomalies or "", args.data_dir)
+    elif args.normal_classes or args.anomalies:
+        raise UserError("--normal-classes and --anomalies need --anomaly")
+    else:
+        metrics = jobs.evaluate_job(args.model_base_path, args.dataset, args.noise_factor, args.data_dir)
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -155,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export the latest checkpoint of a workdir")
     p.add_argument("--workdir", required=True)
     p.add_argument("--model-base-path", help="default: the one in WORKDIR/config.json")
+    p.add_argument("--threshold-fpr", type=float,
+                   help="recalibrate the anomaly threshold to this held-out false-positive rate")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="score the latest exported version on a test split")
@@ -163,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.add_argument("--noise-factor", type=float, default=0.0)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--anomaly", action="store_true",
+                   help="detection quality: AUROC, average precision, and FPR/recall/precision/F1 at the threshold")
+    p.add_argument("--normal-classes", help="with --anomaly: the labels the model was trained on; the rest are anomalies")
+    p.add_argument("--anomalies", metavar="SRC", help="with --anomaly: a separate source of anomalies")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("serve", add_help=False,

@@ -152,7 +152,9 @@ class BaseClient:
         return self._single_output("denoise", images, **which)
 
     def score(self, images, **which) -> dict[str, np.ndarray]:
-        """images -> {"error": per-image MSE, "is_anomaly": bool, "threshold": the model's threshold}."""
+        """images -> {"error": per-image MSE, "is_anomaly": bool, "threshold": the model's threshold,
+        "threshold_fpr": the held-out false-positive rate it was set to, "error_map": per-pixel squared
+        error, the input's shape} (the last two from models exported since they were added)."""
         return self.predict("score", images, **which)
 
     def input_shape(self, signature_name: str = "denoise", **which) -> tuple[int, ...]:

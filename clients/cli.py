@@ -29,6 +29,8 @@ def add_client_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--input", help=".npy, a PNG/JPEG image, or a folder of images")
     p.add_argument("--output", help=".npy, a .png (one image) or a folder for PNGs")
     p.add_argument("--add-noise", type=float, default=0.0, help="denoise: add Gaussian noise of this std first")
+    p.add_argument("--error-map", metavar="DIR|.npy",
+                   help="score: write each input's per-pixel squared error (error_map) as images or .npy")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
     p.add_argument("--tls", action="store_true", help="gRPC over TLS")
     p.add_argument("--ca-cert", help="with --tls: PEM file of the CA that signed the server certificate")
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     client = make_client(args)
     if args.method == "status":
-        print(json.dumps(client.status()))
+        print(json.dumps([{**s, **_threshold_of(client, s)} for s in client.status()]))
         return 0
     if args.method == "metadata":
         print(json.dumps({name: {"inputs": {k: list(v.shape) for k, v in s.inputs.items()},
@@ -75,6 +77,11 @@ def run(args: argparse.Namespace) -> int:
               f"{len(batch)} flagged")
         if args.output:
             io.save_output(np.stack([result["error"], result["is_anomaly"]], axis=1), args.output)
+        if args.error_map:
+            raw = args.error_map.endswith(".npy")  # PNGs need visible values, .npy keeps the true ones
+            maps = result["error_map"] if raw else _scaled_error_map(result["error_map"])
+            written = io.save_output(maps, args.error_map)
+            print(f"wrote {len(written)} error map(s) to {args.error_map}")
         return 0
     output = getattr(client, args.method)(batch)
     if args.output:
@@ -84,3 +91,26 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(json.dumps({"shape": list(output.shape), "mean": float(np.mean(output))}))
     return 0
+
+
+def _threshold_of(client, status: dict) -> dict:
+    """An AVAILABLE version's anomaly threshold and its false-positive rate, read through its score
+    signature (one blank input): signature outputs are what every TF Serving client can see."""
+    if status["state"] != "AVAILABLE":
+        return {}
+    signatures = client.signatures(version=status["version"])
+    outputs = signatures["score"].outputs if "score" in signatures else {}
+    if "threshold" not in outputs:
+        return {}
+    shape = signatures["score"].inputs["images"].shape
+    blank = np.zeros((1, *[max(d, 1) for d in shape[1:]]), np.float32)
+    result = client.score(blank, version=status["version"])
+    found = {"anomaly_threshold": float(result["threshold"][0])}
+    if "threshold_fpr" in result:
+        found["threshold_fpr"] = float(result["threshold_fpr"][0])
+    return found
+
+
+def _scaled_error_map(error_map: np.ndarray) -> np.ndarray:
+    """Squared errors are at most 1 but mostly tiny: scale by the batch's largest so PNGs show them."""
+    return error_map / max(float(np.max(error_map)), 1e-12)

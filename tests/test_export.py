@@ -43,15 +43,17 @@ def test_export_signatures_match_keras(tmp_path, trained):
     assert io("denoise") == io("serving_default") == ({"images": (image, tf.float32)},
                                                       {"reconstruction": (image, tf.float32)})
     assert io("score")[1] == {"error": ((None,), tf.float32), "is_anomaly": ((None,), tf.bool),
-                              "threshold": ((None,), tf.float32)}
+                              "threshold": ((None,), tf.float32), "threshold_fpr": ((None,), tf.float32),
+                              "error_map": (image, tf.float32)}
 
     x = data.scale_to_unit(tf.constant(arrays.x_test[:5])).numpy()
     np.testing.assert_allclose(loaded.signatures["denoise"](images=x)["reconstruction"].numpy(),
                                state.autoencoder(x).numpy(), atol=1e-5)
     score = loaded.signatures["score"](images=x)
     errors = jobs.held_out_errors(state, arrays.x_test)
-    threshold = float(np.quantile(errors, cfg.anomaly_quantile))
+    threshold = export.calibrate_threshold(errors, 1 - cfg.anomaly_quantile).value
     np.testing.assert_allclose(score["threshold"].numpy(), threshold, rtol=1e-6)
+    np.testing.assert_allclose(score["threshold_fpr"].numpy(), 1 - cfg.anomaly_quantile, rtol=1e-6)
     np.testing.assert_array_equal(score["is_anomaly"].numpy(), score["error"].numpy() > threshold)
 
 
@@ -112,9 +114,12 @@ def test_a_failed_check_publishes_nothing(tmp_path, trained, monkeypatch):
 def test_verify_export_catches_a_real_mismatch(tmp_path, trained):
     cfg, state, arrays = trained
     x = data.scale_to_unit(tf.constant(arrays.x_test[:4])).numpy()
-    export.build_archive(state.encoder, state.decoder, 0.01).write_out(str(tmp_path / "v"), verbose=False)
-    with pytest.raises(export.ExportError, match="score"):
-        export.verify_export(tmp_path / "v", state.encoder, state.decoder, 0.5, x)  # threshold differs
+    written = export.Threshold(0.01, 0.01, 64)
+    export.build_archive(state.encoder, state.decoder, written).write_out(str(tmp_path / "v"), verbose=False)
+    with pytest.raises(export.ExportError, match="score"):  # threshold differs
+        export.verify_export(tmp_path / "v", state.encoder, state.decoder, export.Threshold(0.5, 0.01, 64), x)
+    with pytest.raises(export.ExportError, match="threshold_fpr"):  # how it was chosen differs
+        export.verify_export(tmp_path / "v", state.encoder, state.decoder, export.Threshold(0.01, 0.05, 64), x)
 
 
 def test_export_job_needs_a_trained_workdir(tmp_path):

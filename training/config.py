@@ -44,6 +44,8 @@ class TrainConfig:
     checkpoint_every_steps: int = 100  # also saved at every epoch end and on SIGTERM
     steps_per_loop: int = 20  # steps per tf.function call: fewer Python round trips; SIGTERM is seen between calls
     anomaly_quantile: float = 0.99  # held-out error quantile used as the anomaly threshold
+    threshold_fpr: float = 0.0  # >0: threshold flags this fraction of held-out normal data; 0 = 1 - anomaly_quantile
+    normal_classes: str = ""  # anomaly detection: labels to train on, e.g. "3" or "0,1,7"; "" = every label
     max_examples: int = 0  # >0 keeps only the first N training examples (smoke runs, tests)
     smoke: bool = False  # seconds-long run: 1 epoch on 512 examples
 
@@ -69,8 +71,15 @@ class TrainConfig:
             raise ConfigError(f"--noise-factor must be in [0, 1], got {self.noise_factor}")
         if not 0.5 <= self.anomaly_quantile < 1.0:
             raise ConfigError(f"anomaly_quantile must be in [0.5, 1), got {self.anomaly_quantile}")
+        if not 0.0 <= self.threshold_fpr < 0.5:
+            raise ConfigError(f"--threshold-fpr must be in (0, 0.5), got {self.threshold_fpr}")
         if self.num_logical_devices < 0:
             raise ConfigError("--num-logical-devices must be 0 (off) or a positive count")
+
+    @property
+    def calibration_fpr(self) -> float:
+        """The false-positive rate on held-out normal data that the anomaly threshold is set to."""
+        return self.threshold_fpr or round(1.0 - self.anomaly_quantile, 12)
 
     def save(self, workdir: str | Path) -> Path:
         path = Path(workdir) / "config.json"

@@ -62,17 +62,25 @@ def latest_version_dir(model_base_path: str | Path) -> Path:
     return versions[-1][1]
 
 
-def evaluate_saved_model(model_base_path: str, dataset: str, noise_factor: float = 0.0,
-                         data_dir: str | None = None) -> dict[str, float]:
-    """Scores the latest exported version's `denoise` signature on the dataset's test split."""
+def load_latest_version(model_base_path: str | Path, needed: str):
+    """(version, loaded SavedModel) of the latest exported version, which must have signature `needed`.
+
+    Callers keep the loaded object: its signatures read variables that die with it."""
     version_dir = latest_version_dir(model_base_path)
     try:
         loaded = tf.saved_model.load(str(version_dir))
     except Exception as e:
         raise ConfigError(f"cannot load SavedModel {version_dir}: {str(e).splitlines()[0]}") from None
-    if "denoise" not in loaded.signatures:
-        raise ConfigError(f"{version_dir} has no 'denoise' signature (found {sorted(loaded.signatures)}); "
+    if needed not in loaded.signatures:
+        raise ConfigError(f"{version_dir} has no {needed!r} signature (found {sorted(loaded.signatures)}); "
                           "is it an aekit export?")
+    return int(version_dir.name), loaded
+
+
+def evaluate_saved_model(model_base_path: str, dataset: str, noise_factor: float = 0.0,
+                         data_dir: str | None = None) -> dict[str, float]:
+    """Scores the latest exported version's `denoise` signature on the dataset's test split."""
+    version, loaded = load_latest_version(model_base_path, "denoise")
     denoise = loaded.signatures["denoise"]
     arrays = data.load_arrays(dataset, data_dir)
     expected = tuple(denoise.structured_input_signature[1]["images"].shape[1:])
@@ -81,4 +89,4 @@ def evaluate_saved_model(model_base_path: str, dataset: str, noise_factor: float
                           f"expects {expected}")
     metrics = reconstruction_metrics(lambda x: denoise(images=x)["reconstruction"], arrays.x_test,
                                      noise_factor)
-    return {"version": int(version_dir.name), **metrics}
+    return {"version": version, **metrics}

@@ -11,6 +11,8 @@ model renames inputs and outputs (to `inputs`/`output_0`), which breaks every cl
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import shutil
 from pathlib import Path
@@ -39,18 +41,49 @@ def next_version(base: Path) -> int:
     return max(versions, default=0) + 1
 
 
-def calibrate_threshold(errors: np.ndarray, quantile: float) -> float:
-    """The held-out error quantile above which an input is flagged as an anomaly."""
+@dataclasses.dataclass(frozen=True)
+class Threshold:
+    """The anomaly threshold and how it was chosen; the score signature returns both."""
+    value: float  # an input whose reconstruction error exceeds this is an anomaly
+    fpr: float  # the fraction of held-out normal examples it flags (the target false-positive rate)
+    examples: int  # how many held-out normal examples it was calibrated on
+
+    def describe(self) -> str:
+        return (f"anomaly threshold {self.value:.6g}: flags {self.fpr:.2%} of {self.examples} "
+                "held-out normal examples")
+
+
+def calibrate_threshold(errors: np.ndarray, fpr: float) -> Threshold:
+    """The threshold that flags exactly floor(fpr * n) of the n held-out normal errors (fewer on ties).
+
+    An input is flagged when its error is strictly above the threshold, so the threshold is the
+    order statistic just below the top floor(fpr * n): the largest false-positive rate on the
+    calibration data that does not exceed `fpr`. np.quantile(errors, 1 - fpr) would interpolate
+    between two errors and flag the same examples.
+    """
+    errors = np.sort(np.asarray(errors, np.float64).ravel())
     if len(errors) == 0:
         raise ConfigError("cannot calibrate the anomaly threshold on an empty held-out set")
-    return float(np.quantile(errors, quantile))
+    if not 0.0 < fpr < 1.0:
+        raise ConfigError(f"the threshold's false-positive rate must be in (0, 1), got {fpr}")
+    flagged = int(math.floor(fpr * len(errors) + 1e-9))  # 1e-9: 0.01 * 1000 is 9.999... in floats
+    if flagged >= len(errors):
+        flagged = len(errors) - 1
+    return Threshold(float(errors[len(errors) - flagged - 1]), fpr, len(errors))
 
 
-def build_archive(encoder: keras.Model, decoder: keras.Model, threshold: float) -> keras.export.ExportArchive:
-    """The serving signatures, with named inputs and outputs and a free batch dimension."""
+def build_archive(encoder: keras.Model, decoder: keras.Model, threshold: Threshold) -> keras.export.ExportArchive:
+    """The serving signatures, with named inputs and outputs and a free batch dimension.
+
+    score returns the threshold and its false-positive rate as outputs because outputs are all a
+    TF Serving client can see: GetModelMetadata answers only "signature_def"
+    (tensorflow_serving/servables/tensorflow/get_model_metadata_impl.cc), and assets.extra is
+    never sent to a client.
+    """
     image_spec = tf.TensorSpec((None, *encoder.input_shape[1:]), tf.float32, name="images")
     latent_spec = tf.TensorSpec((None, decoder.input_shape[-1]), tf.float32, name="latent")
-    threshold_var = tf.Variable(threshold, trainable=False, dtype=tf.float32, name="anomaly_threshold")
+    threshold_var = tf.Variable(threshold.value, trainable=False, dtype=tf.float32, name="anomaly_threshold")
+    fpr_var = tf.Variable(threshold.fpr, trainable=False, dtype=tf.float32, name="anomaly_threshold_fpr")
 
     def encode(images):
         return {"latent": encoder(images, training=False)}
@@ -62,15 +95,19 @@ def build_archive(encoder: keras.Model, decoder: keras.Model, threshold: float) 
         return {"reconstruction": decoder(encoder(images, training=False), training=False)}
 
     def score(images):
-        error = models.reconstruction_error(images, denoise(images)["reconstruction"])
-        return {"error": error, "is_anomaly": error > threshold_var,
-                # per example, so REST row format ("predictions") can return it with the rest
-                "threshold": tf.fill(tf.shape(error), threshold_var)}
+        reconstruction = denoise(images)["reconstruction"]
+        error = models.reconstruction_error(images, reconstruction)
+        error_map = tf.square(reconstruction - images)  # where the input is anomalous; its mean is error
+        return {"error": error, "is_anomaly": error > threshold_var, "error_map": error_map,
+                # per example, so REST row format ("predictions") can return them with the rest
+                "threshold": tf.fill(tf.shape(error), threshold_var),
+                "threshold_fpr": tf.fill(tf.shape(error), fpr_var)}
 
     archive = keras.export.ExportArchive()
     archive.track(encoder)
     archive.track(decoder)
     archive.track(threshold_var)
+    archive.track(fpr_var)
     for name, fn, spec in [("encode", encode, image_spec), ("decode", decode, latent_spec),
                            ("denoise", denoise, image_spec), ("score", score, image_spec),
                            ("serving_default", denoise, image_spec)]:
@@ -97,7 +134,7 @@ def write_warmup(version_dir: Path, images: np.ndarray, latents: np.ndarray) -> 
     return path
 
 
-def verify_export(version_dir: Path, encoder: keras.Model, decoder: keras.Model, threshold: float,
+def verify_export(version_dir: Path, encoder: keras.Model, decoder: keras.Model, threshold: Threshold,
                   images: np.ndarray) -> None:
     """Loads the SavedModel back and compares every signature with the Keras model on `images`."""
     loaded = tf.saved_model.load(str(version_dir))
@@ -109,8 +146,10 @@ def verify_export(version_dir: Path, encoder: keras.Model, decoder: keras.Model,
         "decode": ({"latent": latent}, {"reconstruction": reconstruction}),
         "denoise": ({"images": images}, {"reconstruction": reconstruction}),
         "serving_default": ({"images": images}, {"reconstruction": reconstruction}),
-        "score": ({"images": images}, {"error": error, "is_anomaly": error > threshold,
-                                       "threshold": np.full_like(error, threshold)}),
+        "score": ({"images": images}, {"error": error, "is_anomaly": error > threshold.value,
+                                       "error_map": np.square(reconstruction - images),
+                                       "threshold": np.full_like(error, threshold.value),
+                                       "threshold_fpr": np.full_like(error, threshold.fpr)}),
     }
     for name, (inputs, outputs) in expected.items():
         if name not in loaded.signatures:
@@ -125,7 +164,7 @@ def verify_export(version_dir: Path, encoder: keras.Model, decoder: keras.Model,
 
 
 def export_version(encoder: keras.Model, decoder: keras.Model, model_base_path: str | Path,
-                   threshold: float, sample_images: np.ndarray) -> Path:
+                   threshold: Threshold, sample_images: np.ndarray) -> Path:
     """Writes, checks and publishes the next version; returns its folder. Leaves nothing on failure."""
     base = Path(model_base_path)
     base.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,127 @@
+"""Anomaly detection: class filtering, exact FPR calibration, AUROC/AP, error_map, recalibrating export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from training import anomaly, data, export, jobs
+from training.config import ConfigError, TrainConfig
+from training.evaluate import latest_version_dir
+
+
+def labelled(train_labels, test_labels) -> data.Arrays:
+    train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
+    images = lambda n: np.arange(n * 16, dtype=np.uint8).reshape(n, 4, 4, 1)  # noqa: E731
+    return data.Arrays(images(len(train_labels)), train_labels, images(len(test_labels)), test_labels)
+
+
+def test_normal_split_keeps_only_the_normal_labels_in_both_splits():
+    arrays = labelled([0, 1, 2, 1, 0, 7], [1, 2, 7, 0, 7])
+    normal = anomaly.normal_split(arrays, anomaly.parse_classes("7,0"), "toy")
+    assert normal.y_train.tolist() == [0, 0, 7] and normal.y_test.tolist() == [7, 0, 7]
+    np.testing.assert_array_equal(normal.x_train, arrays.x_train[[0, 4, 5]])
+    np.testing.assert_array_equal(normal.x_test, arrays.x_test[[2, 3, 4]])
+
+
+@pytest.mark.parametrize("arrays, classes, message", [
+    (labelled([0, 0, 0], [0, 0]), "3", "needs a labelled source"),
+    (labelled([0, 1, 2], [0, 1, 2]), "5", "no training examples of class 5"),
+    (labelled([0, 1, 2], [0, 1]), "2", "no held-out examples of class 2"),
+    (labelled([0, 1], [0, 1]), "0,1", "leave at least one out"),
+])
+def test_normal_split_errors_say_what_to_do(arrays, classes, message):
+    with pytest.raises(ConfigError, match=message):
+        anomaly.normal_split(arrays, anomaly.parse_classes(classes), "toy")
+
+
+def test_parse_classes_rejects_what_is_not_a_label():
+    assert anomaly.parse_classes(" 3, 1,3") == (1, 3)
+    with pytest.raises(ConfigError, match="integer labels"):
+        anomaly.parse_classes("three")
+
+
+@pytest.mark.parametrize("count, fpr, flagged", [(1000, 0.01, 10), (1000, 0.05, 50), (250, 0.01, 2), (7, 0.1, 0)])
+def test_threshold_flags_exactly_the_requested_fraction(count, fpr, flagged):
+    errors = np.random.default_rng(count).permutation(np.linspace(0.001, 0.5, count))
+    threshold = export.calibrate_threshold(errors, fpr)
+    assert int(np.sum(errors > threshold.value)) == flagged
+    assert (threshold.fpr, threshold.examples) == (fpr, count)
+
+
+def test_detection_metrics_on_a_hand_computed_case():
+    # normal 0.1 0.2 0.3 0.6 | anomalies 0.4 0.5 0.7: of the 12 (anomaly, normal) pairs, the
+    # anomaly scores higher in 10 (0.4 and 0.5 lose to 0.6) -> AUROC 10/12. Ranked by score:
+    # 0.7 A, 0.6 N, 0.5 A, 0.4 A: precision at each anomaly 1, 2/3, 3/4 -> AP (1 + 2/3 + 3/4) / 3.
+    m = anomaly.detection_metrics(np.array([0.1, 0.2, 0.3, 0.6]), np.array([0.4, 0.5, 0.7]), threshold=0.45)
+    assert m["auroc"] == pytest.approx(10 / 12)
+    assert m["average_precision"] == pytest.approx((1 + 2 / 3 + 3 / 4) / 3)
+    # flagged above 0.45: 0.6 (normal), 0.5 and 0.7 (anomalies)
+    assert m["fpr"] == pytest.approx(1 / 4)
+    assert m["recall"] == pytest.approx(2 / 3)
+    assert m["precision"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3)
+
+
+@pytest.fixture(scope="module")
+def one_class_run(tmp_path_factory):
+    """A tiny conv model trained on digit 1 only, exported once."""
+    root = tmp_path_factory.mktemp("one-class")
+    cfg = TrainConfig(model="conv", latent_dim=16, epochs=2, batch_size=16, normal_classes="1",
+                      threshold_fpr=0.05, workdir=str(root / "run"), model_base_path=str(root / "models"))
+    result = jobs.train_job(cfg)
+    return cfg, result
+
+
+def test_training_on_normal_classes_calibrates_on_held_out_normal_data(one_class_run):
+    cfg, result = one_class_run
+    loaded = tf.saved_model.load(result["export"])
+    normal = jobs.load_training_arrays(cfg)
+    assert set(normal.y_train.tolist()) == set(normal.y_test.tolist()) == {1}
+    scores = anomaly.score_examples(loaded.signatures["score"], normal.x_test)
+    assert np.all(scores["threshold_fpr"] == np.float32(0.05))
+    assert int(np.sum(scores["is_anomaly"])) == int(np.floor(0.05 * len(normal.x_test)))
+
+
+def test_error_map_has_the_input_shape_and_sums_to_error_times_pixels(one_class_run):
+    _, result = one_class_run
+    loaded = tf.saved_model.load(result["export"])
+    x = np.random.default_rng(0).random((3, 28, 28, 1)).astype(np.float32)
+    score = {k: v.numpy() for k, v in loaded.signatures["score"](images=x).items()}
+    assert score["error_map"].shape == x.shape
+    np.testing.assert_allclose(score["error_map"].sum(axis=(1, 2, 3)), score["error"] * 28 * 28, rtol=1e-5)
+
+
+def test_export_recalibrates_without_retraining(one_class_run):
+    cfg, result = one_class_run
+    before = tf.saved_model.load(result["export"])
+    after_dir = jobs.export_job(cfg.workdir, threshold_fpr=0.2)
+    after = tf.saved_model.load(str(after_dir))
+    x = anomaly.score_examples  # the same held-out normal digits through both versions
+    normal = jobs.load_training_arrays(cfg)
+    old, new = x(before.signatures["score"], normal.x_test), x(after.signatures["score"], normal.x_test)
+    np.testing.assert_allclose(new["error"], old["error"], atol=1e-6)  # same weights
+    assert np.all(new["threshold_fpr"] == np.float32(0.2)) and new["threshold"][0] < old["threshold"][0]
+    assert int(np.sum(new["is_anomaly"])) == int(np.floor(0.2 * len(normal.x_test)))
+
+
+def test_evaluate_anomaly_reports_detection_quality(one_class_run, tmp_path):
+    cfg, _ = one_class_run
+    report = anomaly.evaluate_anomaly(cfg.model_base_path, "mnist-sample", normal_classes="1")
+    test = data.load_arrays("mnist-sample")
+    ones = test.y_test == 1
+    assert (report["normal_examples"], report["anomaly_examples"]) == (int(ones.sum()), int((~ones).sum()))
+    loaded = tf.saved_model.load(str(latest_version_dir(cfg.model_base_path)))
+    errors = anomaly.score_examples(loaded.signatures["score"], test.x_test)["error"]
+    expected = anomaly.detection_metrics(errors[ones], errors[~ones], report["threshold"])
+    assert {k: report[k] for k in expected} == pytest.approx(expected)
+    noise = np.random.default_rng(0).random((20, 28, 28, 1)).astype(np.float32)
+    np.savez(tmp_path / "noise.npz", x_train=noise[:10], x_test=noise[10:])
+    report = anomaly.evaluate_anomaly(cfg.model_base_path, "mnist-sample", anomalies=f"npz:{tmp_path / 'noise.npz'}")
+    assert report["anomaly_examples"] == 20 and report["auroc"] == 1.0
+    with pytest.raises(ConfigError, match="one of --normal-classes"):
+        anomaly.evaluate_anomaly(cfg.model_base_path, "mnist-sample")
+    json.dumps(report)
