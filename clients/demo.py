@@ -102,19 +102,30 @@ def _call_and_plot(client: AutoencoderClient, arrays, figures: Path, train_resul
     denoised = client.denoise(noisy)
     scores = client.score(clean)
     anomalies = client.score(rng.random(clean[:200].shape).astype(np.float32))
+    # Real structure, not noise: held-out digits turned 90 degrees, a shape the model never saw.
+    turned = np.ascontiguousarray(np.rot90(clean[:200], axes=(1, 2)))
+    turned_scores = client.score(turned)
     threshold = float(scores["threshold"][0])
+    both = np.concatenate([clean, turned])
     written = [
         plots.plot_reconstructions(clean, latents, reconstructions, figures / "reconstructions.png"),
         plots.plot_denoising(noisy, denoised, clean, figures / "denoising.png"),
         plots.plot_latent_space(latents, arrays.y_test, figures / "latent_space.png"),
         plots.plot_training_curves(train_result["history"], figures / "training_curves.png"),
         plots.plot_score_histogram(scores["error"], threshold, figures / "anomaly_scores.png", anomalies["error"]),
+        plots.plot_score_histogram(scores["error"], threshold, figures / "anomaly_turned.png", turned_scores["error"],
+                                   anomaly_label="anomalies (digits turned 90 degrees)"),
+        plots.plot_roc_curve(scores["error"], turned_scores["error"], figures / "anomaly_roc.png", threshold),
+        plots.plot_worst_scored(both, np.concatenate([scores["error_map"], turned_scores["error_map"]]),
+                                np.concatenate([scores["error"], turned_scores["error"]]),
+                                figures / "anomaly_worst.png"),
     ]
     mse = lambda a, b: float(np.mean((a - b) ** 2))  # noqa: E731
     serving = {"served_mse": mse(reconstructions, clean), "served_noisy_psnr_db": _psnr(mse(noisy, clean)),
                "served_denoised_psnr_db": _psnr(mse(denoised, clean)), "anomaly_threshold": threshold,
                "held_out_flagged_fraction": float(np.mean(scores["is_anomaly"])),
-               "noise_images_flagged_fraction": float(np.mean(anomalies["is_anomaly"]))}
+               "noise_images_flagged_fraction": float(np.mean(anomalies["is_anomaly"])),
+               "turned_digits_flagged_fraction": float(np.mean(turned_scores["is_anomaly"]))}
     return written, serving
 
 

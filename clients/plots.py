@@ -4,7 +4,8 @@
 
 reconstructions.png (originals / latent codes / reconstructions, as in the seed blog),
 denoising.png (noisy / denoised / clean), latent_space.png (2-D PCA of the codes by label),
-training_curves.png (loss, MSE, PSNR per epoch), anomaly_scores.png (error histogram and threshold).
+training_curves.png (loss, MSE, PSNR per epoch), anomaly_scores.png (error histogram and threshold),
+anomaly_roc.png (ROC curve), anomaly_worst.png (worst-scored inputs with their anomaly maps).
 """
 
 from __future__ import annotations
@@ -101,18 +102,54 @@ def plot_training_curves(history: list[dict], path) -> Path:
     return _save(fig, Path(path))
 
 
-def plot_score_histogram(normal_errors, threshold: float, path, anomaly_errors=None) -> Path:
+def plot_score_histogram(normal_errors, threshold: float, path, anomaly_errors=None,
+                         anomaly_label: str = "anomalies (noise images)", normal_label: str = "held-out digits") -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     upper = max(np.max(normal_errors), np.max(anomaly_errors) if anomaly_errors is not None else 0, threshold)
     bins = np.linspace(0, upper * 1.05, 60)
-    ax.hist(normal_errors, bins=bins, alpha=0.7, label="held-out digits")
+    ax.hist(normal_errors, bins=bins, alpha=0.7, label=normal_label)
     if anomaly_errors is not None:
-        ax.hist(anomaly_errors, bins=bins, alpha=0.7, label="anomalies (noise images)")
+        ax.hist(anomaly_errors, bins=bins, alpha=0.7, label=anomaly_label)
     ax.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold:.4f}")
     ax.set_xlabel("reconstruction error (MSE per image)")
     ax.set_ylabel("count")
     ax.set_title("Anomaly scores")
     ax.legend()
+    return _save(fig, Path(path))
+
+
+def plot_roc_curve(normal_errors, anomaly_errors, path, threshold: float | None = None) -> Path:
+    """False-positive rate against recall over every threshold; a dot at the stored one."""
+    from sklearn import metrics
+
+    truth = np.concatenate([np.zeros(len(normal_errors)), np.ones(len(anomaly_errors))])
+    scores = np.concatenate([normal_errors, anomaly_errors])
+    fpr, tpr, _ = metrics.roc_curve(truth, scores)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(fpr, tpr, label=f"AUROC {metrics.roc_auc_score(truth, scores):.3f}")
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    if threshold is not None:
+        ax.plot([np.mean(normal_errors > threshold)], [np.mean(anomaly_errors > threshold)], "o", color="red",
+                label=f"stored threshold {threshold:.4f}")
+    ax.set_xlabel("false-positive rate (normal inputs flagged)")
+    ax.set_ylabel("recall (anomalies flagged)")
+    ax.set_title("ROC curve of the anomaly score")
+    ax.legend(loc="lower right")
+    return _save(fig, Path(path))
+
+
+def plot_worst_scored(images, error_maps, errors, path, count: int = 8) -> Path:
+    """The highest-scored inputs above their anomaly maps (per-pixel squared error)."""
+    order = np.argsort(errors)[::-1][:count]
+    fig, axes = plt.subplots(2, len(order), figsize=(1.4 * len(order), 3.2), squeeze=False)
+    for column, i in enumerate(order):
+        _image(axes[0, column], images[i], f"error {errors[i]:.4f}")
+        axes[1, column].imshow(error_maps[i][..., 0] if error_maps[i].shape[-1] == 1 else error_maps[i].mean(-1),
+                               cmap="inferno")
+        axes[1, column].set_xticks([])
+        axes[1, column].set_yticks([])
+    axes[1, 0].set_title("anomaly map", fontsize=8)
+    fig.suptitle("Worst-scored inputs and where they are anomalous")
     return _save(fig, Path(path))
 
 

@@ -135,8 +135,21 @@ def test_cli_on_npy_and_png(trained, server, images, tmp_path):
     result = aekit("client", "score", "--server", server.grpc_address, "--model", "autoencoder",
                    "--input", str(tmp_path / "x.npy"))
     assert "threshold" in result.stdout and result.stdout.count("error") == 3
+    aekit("client", "score", "--server", server.grpc_address, "--model", "autoencoder",
+          "--input", str(tmp_path / "x.npy"), "--error-map", str(tmp_path / "maps"))
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["00000.png", "00001.png", "00002.png"]
+    aekit("client", "score", "--rest", "--server", f"127.0.0.1:{server.rest_port}", "--model", "autoencoder",
+          "--input", str(tmp_path / "x.npy"), "--error-map", str(tmp_path / "maps.npy"))
+    maps = np.load(tmp_path / "maps.npy")
+    np.testing.assert_allclose(maps, (trained_model_reconstruction(trained, images[:3]) - images[:3]) ** 2, atol=1e-5)
     status = json.loads(aekit("client", "status", "--server", server.grpc_address, "--model", "autoencoder").stdout)
     assert status[0]["state"] == "AVAILABLE"
+    assert status[0]["threshold_fpr"] == pytest.approx(0.01) and status[0]["anomaly_threshold"] > 0
+
+
+def trained_model_reconstruction(trained, images):
+    version = sorted((trained / "models").iterdir())[-1]
+    return tf.saved_model.load(str(version)).signatures["denoise"](images=images)["reconstruction"].numpy()
 
 
 def test_cli_errors_exit_non_zero_with_one_line(server, tmp_path):
@@ -147,6 +160,12 @@ def test_cli_errors_exit_non_zero_with_one_line(server, tmp_path):
     assert result.returncode == 1 and "does not exist" in result.stderr
     result = aekit("train", "--dataset", "nope", check=False)
     assert result.returncode == 2 and "unknown dataset" in result.stderr and "Traceback" not in result.stderr
+    np.save(tmp_path / "table.npy", np.random.default_rng(0).random((40, 6)))
+    for flags, said in ((["--dataset", str(tmp_path / "table.npy"), "--normal-classes", "1"], "labelled source"),
+                        (["--normal-classes", "12"], "no training examples of class 12"),
+                        (["--threshold-fpr", "0.7"], "--threshold-fpr must be in")):
+        result = aekit("train", "--model", "dense", *flags, "--workdir", str(tmp_path / "w"), check=False)
+        assert result.returncode == 2 and said in result.stderr and "Traceback" not in result.stderr
 
 
 def test_loadtest_grpc_and_rest(server):
@@ -177,6 +196,12 @@ def test_evaluate_export_and_plot_commands(trained, tmp_path):
     models = tmp_path / "models"
     aekit("export", "--workdir", str(trained / "run"), "--model-base-path", str(models))
     assert [p.name for p in models.iterdir()] == ["1"]
+    result = aekit("evaluate", "--anomaly", "--model-base-path", str(models), "--normal-classes", "1", "--json")
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"auroc", "average_precision", "fpr", "recall", "precision", "f1"} <= set(report)
+    assert report["threshold_fpr"] == pytest.approx(0.01)
+    result = aekit("evaluate", "--model-base-path", str(models), "--normal-classes", "1", check=False)
+    assert result.returncode == 2 and "need --anomaly" in result.stderr
     figures = tmp_path / "figures"
     aekit("plot", "--workdir", str(trained / "run"), "--model-base-path", str(models), "--output-dir", str(figures))
     names = sorted(p.name for p in figures.iterdir())
@@ -194,7 +219,9 @@ def test_plot_functions_write_pngs(tmp_path):
     latents = rng.normal(size=(50, 8))
     paths = [plots.plot_reconstructions(x, latents[:6], x, tmp_path / "r.png"),
              plots.plot_latent_space(latents, rng.integers(0, 10, 50), tmp_path / "l.png"),
-             plots.plot_score_histogram(rng.random(100), 0.9, tmp_path / "h.png", rng.random(20) + 1)]
+             plots.plot_score_histogram(rng.random(100), 0.9, tmp_path / "h.png", rng.random(20) + 1),
+             plots.plot_roc_curve(rng.random(100), rng.random(20) + 0.5, tmp_path / "roc.png", 0.9),
+             plots.plot_worst_scored(x, x ** 2, rng.random(6), tmp_path / "worst.png")]
     assert all(p.stat().st_size > 5000 for p in paths)
 
 
@@ -204,5 +231,5 @@ def test_demo_smoke(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert {"mse", "psnr_db", "denoise_gain_db"} <= set(summary["held_out"])
     assert summary["serving_latency_ms"]["p50"] > 0
-    assert len(summary["figures"]) == 5 and all((out / f).stat().st_size > 5000 for f in summary["figures"])
+    assert len(summary["figures"]) == 8 and all((out / f).stat().st_size > 5000 for f in summary["figures"])
     assert "Everything is in" in result.stdout
