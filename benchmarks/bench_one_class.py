@@ -8,9 +8,17 @@ score the whole held-out split through the exported `score` signature, AUROC for
 Our mnist-sample has ~400 training images per class; the paper trains on ~6,000 (full MNIST),
 so its rows are a reference, not a like-for-like comparison.
 
-Two scores are measured on the same model: `served` is the score signature's reconstruction MSE
-(what `aekit evaluate --anomaly` reports); `latent_mahalanobis` is the Mahalanobis distance of
-the encode signature's code to the training codes' Gaussian, computed here and not served.
+`served` is the score signature's reconstruction MSE (what `aekit evaluate --anomaly` reports);
+the other rows are computed here from the same model's signatures and are not served (see
+`unserved_scores`). Measured on 2 shared cores (mean AUROC, ten digits unless said):
+  served MSE, latent 128, 20 epochs                              0.955   (258 CPU-s with the rest)
+  the same with latent 16                                        0.949   smaller code: worse
+  the same trained as a denoiser (noise 0.4)                     0.941   worse
+  latent Mahalanobis (shrinkage 1e-3)                            0.963   better
+  latent 5-nearest-neighbour distance                            0.917   worse
+  MSE of the residual blurred with sigma 0.7 px                  0.963   better
+  log Mahalanobis + log blurred MSE, each over its training median 0.968 best, still under 0.97
+  PCA (20-40 components) reconstruction error, for scale         0.951-0.954
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ REFERENCE = {
 }
 GOAL = 0.97  # mean AUROC over the ten digits
 SHRINKAGE = 1e-3  # added to the codes' covariance diagonal: 128 dimensions from ~400 codes
+BLUR_SIGMA = 0.7  # pixels; 0.7 and 1.0 did equally well on digits 0-7, 1.5 worse
+UNSERVED = ("latent_mahalanobis", "blurred_mse", "combined")
 
 
 def run_digit(digit: int, out: Path, epochs: int, batch_size: int) -> dict:
@@ -42,23 +52,40 @@ def run_digit(digit: int, out: Path, epochs: int, batch_size: int) -> dict:
                       workdir=str(out / f"digit{digit}" / "run"), model_base_path=str(out / f"digit{digit}" / "models"))
     jobs.train_job(cfg)
     report = anomaly.evaluate_anomaly(cfg.model_base_path, "mnist-sample", normal_classes=str(digit))
-    return {"digit": digit, "served": report["auroc"], "latent_mahalanobis": latent_mahalanobis_auroc(cfg, digit),
+    return {"digit": digit, "served": report["auroc"], **unserved_scores(cfg, digit),
             "average_precision": report["average_precision"], "fpr": report["fpr"], "recall": report["recall"]}
 
 
-def latent_mahalanobis_auroc(cfg: TrainConfig, digit: int) -> float:
+def unserved_scores(cfg: TrainConfig, digit: int) -> dict[str, float]:
+    """AUROC of scores computed here from the exported encode/denoise signatures, not served:
+    latent Mahalanobis distance, MSE of the residual blurred by a Gaussian (sigma 0.7 px: forgives
+    strokes a pixel off), and the sum of both logs, each divided by its median on the training digits."""
     import tensorflow as tf
+    from scipy import ndimage
 
-    encode = tf.saved_model.load(str(latest_version_dir(cfg.model_base_path))).signatures["encode"]
+    loaded = tf.saved_model.load(str(latest_version_dir(cfg.model_base_path)))
     arrays = data.load_arrays("mnist-sample")
-    codes = lambda x: np.concatenate([encode(images=b)["latent"].numpy()  # noqa: E731
-                                      for b, _ in data.make_dataset(x, 256, training=False)])
-    train, test = codes(arrays.x_train[arrays.y_train == digit]), codes(arrays.x_test)
-    precision = np.linalg.inv(np.cov(train.T) + SHRINKAGE * np.eye(train.shape[1]))
-    centred = test - train.mean(axis=0)
-    distance = np.einsum("ij,jk,ik->i", centred, precision, centred)
+    train_x, test_x = arrays.x_train[arrays.y_train == digit], arrays.x_test
+
+    def run(name, key, x):
+        return np.concatenate([loaded.signatures[name](images=b)[key].numpy()
+                               for b, _ in data.make_dataset(x, 256, training=False)])
+
+    def blurred_mse(x):
+        residual = run("denoise", "reconstruction", x) - data.scale_to_unit(tf.constant(x)).numpy()
+        sigma = (0, BLUR_SIGMA, BLUR_SIGMA) + (0,) * (residual.ndim - 3)
+        return np.square(ndimage.gaussian_filter(residual, sigma)).reshape(len(x), -1).mean(axis=1)
+
+    train_codes, test_codes = run("encode", "latent", train_x), run("encode", "latent", test_x)
+    precision = np.linalg.inv(np.cov(train_codes.T) + SHRINKAGE * np.eye(train_codes.shape[1]))
+    mean = train_codes.mean(axis=0)
+    distance = lambda z: np.einsum("ij,jk,ik->i", z - mean, precision, z - mean)  # noqa: E731
+    train_d, test_d = distance(train_codes), distance(test_codes)
+    train_b, test_b = blurred_mse(train_x), blurred_mse(test_x)
+    combined = np.log(test_d / np.median(train_d)) + np.log(test_b / np.median(train_b))
     normal = arrays.y_test == digit
-    return anomaly.detection_metrics(distance[normal], distance[~normal], np.inf)["auroc"]
+    auroc = lambda s: anomaly.detection_metrics(s[normal], s[~normal], np.inf)["auroc"]  # noqa: E731
+    return {"latent_mahalanobis": auroc(test_d), "blurred_mse": auroc(test_b), "combined": auroc(combined)}
 
 
 def format_table(rows: list[dict]) -> str:
@@ -66,7 +93,7 @@ def format_table(rows: list[dict]) -> str:
     lines = [header]
     for name, values in REFERENCE.items():
         lines.append(name.ljust(40) + "".join(f"{v / 100:6.3f}" for v in values) + f"  {np.mean(values) / 100:.3f}")
-    for key in ("served", "latent_mahalanobis"):
+    for key in ("served", *UNSERVED):
         by_digit = {r["digit"]: r[key] for r in rows}
         cells = "".join(f"{by_digit[d]:6.3f}" if d in by_digit else "     -" for d in range(10))
         lines.append(f"aekit conv AE, {key}".ljust(40) + cells + f"  {np.mean(list(by_digit.values())):.3f}")
@@ -85,7 +112,7 @@ def main() -> int:
     rows = [run_digit(int(d), out / "one_class", args.epochs, args.batch_size) for d in args.digits.split(",")]
     usage = resource.getrusage(resource.RUSAGE_SELF)
     report = {"rows": rows, "mean_auroc_served": float(np.mean([r["served"] for r in rows])),
-              "mean_auroc_latent_mahalanobis": float(np.mean([r["latent_mahalanobis"] for r in rows])),
+              **{f"mean_auroc_{key}": float(np.mean([r[key] for r in rows])) for key in UNSERVED},
               "goal_mean_auroc": GOAL, "epochs": args.epochs, "batch_size": args.batch_size,
               "wall_seconds": time.monotonic() - start, "cpu_seconds": usage.ru_utime + usage.ru_stime,
               "load_average": list(os.getloadavg())}
