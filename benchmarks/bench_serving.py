@@ -56,7 +56,7 @@ def export_model(base: Path) -> Path:
     """An (untrained) conv autoencoder: latency does not depend on the weights."""
     encoder, decoder = models.build_autoencoder("conv", (28, 28, 1), 128)
     sample = np.random.default_rng(0).random((8, 28, 28, 1)).astype(np.float32)
-    return export.export_version(encoder, decoder, base, 0.02, sample)
+    return export.export_version(encoder, decoder, base, export.Threshold(0.02, 0.01, len(sample)), sample)
 
 
 def in_process(version_dir: Path, batch: int, concurrency: int, requests: int) -> dict:
