@@ -102,7 +102,7 @@ def _threshold_of(client, status: dict) -> dict:
     outputs = signatures["score"].outputs if "score" in signatures else {}
     if "threshold" not in outputs:
         return {}
-    shape = signatures["score"].inputs["images"].shape
+    shape = signatures["score"].inputs[signatures["score"].input_alias].shape
     blank = np.zeros((1, *[max(d, 1) for d in shape[1:]]), np.float32)
     result = client.score(blank, version=status["version"])
     found = {"anomaly_threshold": float(result["threshold"][0])}

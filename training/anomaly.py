@@ -108,8 +108,10 @@ def evaluate_anomaly(model_base_path: str, dataset: str, normal_classes: str = "
     _check_shape(score, arrays.input_shape, dataset)
     normal, anomalous = score_examples(score, normal_x), score_examples(score, anomaly_x)
     threshold = float(normal["threshold"][0])
+    # exports made before threshold_fpr existed used the 0.99 quantile of the held-out errors
+    fpr = float(normal["threshold_fpr"][0]) if "threshold_fpr" in normal else 0.01
     return {"version": version, "normal_examples": len(normal_x), "anomaly_examples": len(anomaly_x),
-            "threshold": threshold, "threshold_fpr": float(normal["threshold_fpr"][0]),
+            "threshold": threshold, "threshold_fpr": fpr,
             **detection_metrics(normal["error"], anomalous["error"], threshold)}
 
 
