@@ -76,6 +76,7 @@ def one_class_run(tmp_path_factory):
     return cfg, result
 
 
+@pytest.mark.slow  # trains a small model once for the module (~15 s)
 def test_training_on_normal_classes_calibrates_on_held_out_normal_data(one_class_run):
     cfg, result = one_class_run
     loaded = tf.saved_model.load(result["export"])
@@ -86,6 +87,7 @@ def test_training_on_normal_classes_calibrates_on_held_out_normal_data(one_class
     assert int(np.sum(scores["is_anomaly"])) == int(np.floor(0.05 * len(normal.x_test)))
 
 
+@pytest.mark.slow  # trains a small model once for the module (~15 s)
 def test_error_map_has_the_input_shape_and_sums_to_error_times_pixels(one_class_run):
     _, result = one_class_run
     loaded = tf.saved_model.load(result["export"])
@@ -95,6 +97,7 @@ def test_error_map_has_the_input_shape_and_sums_to_error_times_pixels(one_class_
     np.testing.assert_allclose(score["error_map"].sum(axis=(1, 2, 3)), score["error"] * 28 * 28, rtol=1e-5)
 
 
+@pytest.mark.slow  # trains a small model once for the module (~15 s)
 def test_export_recalibrates_without_retraining(one_class_run):
     cfg, result = one_class_run
     before = tf.saved_model.load(result["export"])
@@ -108,6 +111,7 @@ def test_export_recalibrates_without_retraining(one_class_run):
     assert int(np.sum(new["is_anomaly"])) == int(np.floor(0.2 * len(normal.x_test)))
 
 
+@pytest.mark.slow  # trains a small model once for the module (~15 s)
 def test_evaluate_anomaly_reports_detection_quality(one_class_run, tmp_path):
     cfg, _ = one_class_run
     report = anomaly.evaluate_anomaly(cfg.model_base_path, "mnist-sample", normal_classes="1")
