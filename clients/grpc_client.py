@@ -125,11 +125,11 @@ class AutoencoderClient(BaseClient):
         request = get_model_status_pb2.GetModelStatusRequest(model_spec=self._spec(self._ref(model, version, label)))
         response = self._call(self.models.GetModelStatus, request)
         return [{"version": s.version, "state": STATE_NAMES.get(s.state, str(s.state)),
-                 "error_code": grpc.StatusCode.OK.name if s.status.error_code == 0 else _code_name(s.status.error_code),
+                 "error_code": grpc.StatusCode.OK.name if s.status.error_code == 0 else code_name(s.status.error_code),
                  "error_message": s.status.error_message} for s in response.model_version_status]
 
 
-def _code_name(value: int) -> str:
+def code_name(value: int) -> str:
     return next((c.name for c in grpc.StatusCode if c.value[0] == value), str(value))
 
 
