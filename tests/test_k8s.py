@@ -352,56 +352,235 @@ def test_image_entrypoint_serves_model_name_from_model_base_path_like_the_offici
         server.wait(30)
 
 
-@pytest.mark.slow
-def test_simulation_the_manifests_own_commands_train_and_serve(tmp_path):
-    """Runs the rendered Indexed Job's pods as local processes (hosts mapped to 127.0.0.1 ports,
-    the volume to a folder, --smoke to finish in seconds), then serves the export with the
-    rendered serving flags and calls it."""
-    docs = RENDERED["overlays/cpu"]
-    job = by_kind(docs, "Job", "aekit-train")
-    container = job["spec"]["template"]["spec"]["containers"][0]
-    data_dir = tmp_path / "volume"
-    count = job["spec"]["completions"]
-    ports = free_ports(count)
-    args = container["args"]
-    pattern, port = _arg(args, "--worker-host-pattern"), int(_arg(args, "--worker-port"))
-    real = indexed_job_tf_config(0, count, pattern, port)["cluster"]["worker"]
-    local = {host: f"127.0.0.1:{p}" for host, p in zip(real, ports)}
-    procs = []
-    for index in range(count):
-        # What the pod computes from JOB_COMPLETION_INDEX, with its hosts mapped to loopback.
-        tf_config = indexed_job_tf_config(index, count, pattern, port)
-        tf_config["cluster"]["worker"] = [local[h] for h in tf_config["cluster"]["worker"]]
-        pod_args = [a.replace("/data", str(data_dir)) for a in args
-                    if not a.startswith(("--indexed-job", "--num-workers", "--worker-host-pattern", "--worker-port"))]
-        env = {"TF_CONFIG": json.dumps(tf_config), "JOB_COMPLETION_INDEX": str(index), "TF_CPP_MIN_LOG_LEVEL": "2",
-               "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "aekit_cli", *pod_args, "--smoke"], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outputs)
-    versions = list((data_dir / "models" / "autoencoder").iterdir())
-    assert [v.name for v in versions] == ["1"]  # the chief exported once
-
-    deployment = by_kind(docs, "Deployment", "aekit-serving")["spec"]["template"]["spec"]
-    serving_args = deployment["containers"][0]["args"]
-    config_dir = tmp_path / "config"
+def _local_volume_config(docs: list[dict], config_dir: Path, volume: Path) -> None:
+    """The serving ConfigMap's files as the pod mounts them at /config, on a local volume."""
     config_dir.mkdir()
     for file_name, text in by_kind(docs, "ConfigMap")["data"].items():
-        (config_dir / file_name).write_text(text.replace('"/models/', f'"{data_dir}/models/'))
-    grpc_port, rest_port = free_ports(2)
-    local_args = [a.replace("/config/", f"{config_dir}/").replace("--port=8500", f"--port={grpc_port}")
-                  .replace("--rest_api_port=8501", f"--rest_api_port={rest_port}") for a in serving_args]
-    server = subprocess.Popen([sys.executable, "-m", "aekit_cli", "serve", *local_args],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        (config_dir / file_name).write_text(text.replace('"/models/', f'"{volume}/models/'))
+
+
+def _init_container_command(docs: list[dict], config_dir: Path, poll_seconds: str = "0.2") -> list[str]:
+    spec = by_kind(docs, "Deployment", "aekit-serving")["spec"]["template"]["spec"]
+    command = [a.replace("/config/", f"{config_dir}/") for a in spec["initContainers"][0]["command"]]
+    return command[:-1] + [poll_seconds]  # the manifest polls every 10 s
+
+
+def test_init_container_waits_for_a_complete_version(tmp_path):
+    docs = RENDERED["overlays/cpu"]
+    _local_volume_config(docs, tmp_path / "config", tmp_path)
+    base = tmp_path / "models" / "autoencoder"
+    base.mkdir(parents=True)
+    init = subprocess.Popen(_init_container_command(docs, tmp_path / "config"), stdout=subprocess.PIPE, text=True)
     try:
+        staged = base / ".1.tmp"  # how export stages a version before renaming it into place
+        staged.mkdir()
+        (staged / "saved_model.pb").write_bytes(b"")
+        (base / "2" / "variables").mkdir(parents=True)  # a numeric folder without its graph yet
+        with pytest.raises(subprocess.TimeoutExpired):
+            init.wait(1.5)
+        staged.rename(base / "1")
+        assert init.wait(10) == 0
+        assert f"found a version under {base}" in init.stdout.read()
+    finally:
+        init.kill()
+        init.wait()
+
+
+STANDIN = """#!{python}
+# Stand-in for the official image's tensorflow_model_server, run with the manifest's command and
+# args: like it, it opens no port until every model in --model_config_file has a version
+# (server.cc BuildAndStart: ServerCore::Create awaits the initial loads before AddListeningPort),
+# then serves with aekit's embedded server.
+import os, pathlib, re, sys, time
+flags = sys.argv[1:]
+config = next(f.split("=", 1)[1] for f in flags if f.startswith("--model_config_file="))
+bases = [pathlib.Path(b) for b in re.findall(r'base_path: "([^"]+)"', pathlib.Path(config).read_text())]
+while not all(any(v.name.isdigit() and (v / "saved_model.pb").exists() for v in b.glob("*")) for b in bases):
+    time.sleep(0.2)
+kept = [f for f in flags if not f.startswith({skip!r})]
+os.execv(sys.executable, [sys.executable, "-m", "aekit_cli", "serve", "--engine=embedded", *kept])
+"""
+
+
+def _install_standin(bin_dir: Path) -> None:
+    bin_dir.mkdir(exist_ok=True)
+    path = bin_dir / "tensorflow_model_server"
+    path.write_text(STANDIN.format(python=sys.executable, skip=TF_SERVING_ONLY_FLAGS))
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def grpc_probe(port: int) -> str:
+    """What the kubelet's grpc probe sees: the health service's status for "", or the error."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.RpcError as e:
+            return e.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def _serving_pod_process(docs: list[dict], config_dir: Path, bin_dir: Path, log: Path):
+    """The serving container as the kubelet starts it: the manifest's command and args, on local
+    ports and the local /config; `tensorflow_model_server` on PATH is the stand-in."""
+    container = by_kind(docs, "Deployment", "aekit-serving")["spec"]["template"]["spec"]["containers"][0]
+    grpc_port, rest_port = free_ports(2)
+    args = [a.replace("/config/", f"{config_dir}/").replace("--port=8500", f"--port={grpc_port}")
+            .replace("--rest_api_port=8501", f"--rest_api_port={rest_port}") for a in container["args"]]
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHONPATH": str(K8S.parent), "TF_CPP_MIN_LOG_LEVEL": "2",
+           "HOME": str(config_dir.parent)}
+    proc = subprocess.Popen([*container["command"], *args], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    return proc, grpc_port
+
+
+def _probe_budget_seconds(probe: dict) -> int:
+    return probe["periodSeconds"] * probe["failureThreshold"]
+
+
+@pytest.mark.slow
+def test_simulation_first_apply_trains_waits_then_serves(tmp_path):
+    """A first apply as local processes: the serving pod starts with the training. Its init
+    container (the manifest's command) waits while the rendered Indexed Job's pods train (hosts
+    mapped to 127.0.0.1 ports, the volume to a folder, --smoke to finish in seconds); a server
+    started as the old manifests did keeps its port closed all that time (its startup probe
+    would fail and restart it). Then the serving container runs with the manifest's command,
+    `tensorflow_model_server` being a stand-in that behaves like the official image's, passes the
+    probes within their budget and answers by label."""
+    docs = RENDERED["overlays/cpu"]
+    data_dir, config_dir, bin_dir = tmp_path / "volume", tmp_path / "config", tmp_path / "bin"
+    (data_dir / "models" / "autoencoder").mkdir(parents=True)  # the claim's folder, empty
+    _local_volume_config(docs, config_dir, data_dir)
+    _install_standin(bin_dir)
+    init = subprocess.Popen(_init_container_command(docs, config_dir), stdout=subprocess.DEVNULL)
+    without_init, early_port = _serving_pod_process(docs, config_dir, bin_dir, tmp_path / "early.log")
+    trainers = _start_training_pods(docs, data_dir, tmp_path)
+    try:
+        probes_while_training = []
+        versions = data_dir / "models" / "autoencoder"
+        while any(p.poll() is None for p in trainers):
+            if not any(v.name.isdigit() for v in versions.iterdir()):
+                probes_while_training.append(grpc_probe(early_port))
+            time.sleep(1)
+        outputs = [p.communicate(timeout=300)[0] for p in trainers]
+        assert all(p.returncode == 0 for p in trainers), "\n".join(o[-2000:] for o in outputs)
+        assert [v.name for v in versions.iterdir()] == ["1"]  # the chief exported once
+        assert probes_while_training and set(probes_while_training) == {"UNAVAILABLE"}  # no port while training
+        assert init.wait(10) == 0
+        without_init.kill()
+
+        spec = by_kind(docs, "Deployment", "aekit-serving")["spec"]["template"]["spec"]
+        server, grpc_port = _serving_pod_process(docs, config_dir, bin_dir, tmp_path / "serving.log")
+        container = spec["containers"][0]
+        deadline = time.monotonic() + _probe_budget_seconds(container["startupProbe"])
+        while grpc_probe(grpc_port) != "SERVING":
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serving.log").read_text()[-3000:]
+            time.sleep(0.5)
         from clients import AutoencoderClient
 
-        client = AutoencoderClient(f"127.0.0.1:{grpc_port}", "autoencoder", retries=60, backoff=0.5)
-        images = np.random.default_rng(0).random((3, 28, 28, 1)).astype(np.float32)
-        assert client.denoise(images).shape == (3, 28, 28, 1)
-        assert client.status()[0]["version"] == 1
-    finally:
+        with AutoencoderClient(f"127.0.0.1:{grpc_port}", "autoencoder", label="stable") as client:
+            images = np.random.default_rng(0).random((3, 28, 28, 1)).astype(np.float32)
+            assert client.denoise(images).shape == (3, 28, 28, 1)
+            assert client.status()[0]["version"] == 1
         server.terminate()
-        server.wait(30)
+        assert server.wait(30) == 0
+    finally:
+        for proc in [init, without_init, *trainers]:
+            proc.kill()
+            proc.wait()
+
+
+def _start_training_pods(docs: list[dict], data_dir: Path, tmp_path: Path) -> list[subprocess.Popen]:
+    """The rendered Indexed Job's pods as local processes: each computes TF_CONFIG from
+    JOB_COMPLETION_INDEX, its hosts mapped to loopback ports."""
+    job = by_kind(docs, "Job", "aekit-train")
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    count = job["spec"]["completions"]
+    pattern, port = _arg(args, "--worker-host-pattern"), int(_arg(args, "--worker-port"))
+    real = indexed_job_tf_config(0, count, pattern, port)["cluster"]["worker"]
+    local = {host: f"127.0.0.1:{p}" for host, p in zip(real, free_ports(count))}
+    pod_args = [a.replace("/data", str(data_dir)) for a in args
+                if not a.startswith(("--indexed-job", "--num-workers", "--worker-host-pattern", "--worker-port"))]
     assert shlex.join(["aekit", *args])  # the command a user reads in the manifest
+    procs = []
+    for index in range(count):
+        tf_config = indexed_job_tf_config(index, count, pattern, port)
+        tf_config["cluster"]["worker"] = [local[h] for h in tf_config["cluster"]["worker"]]
+        env = {"TF_CONFIG": json.dumps(tf_config), "JOB_COMPLETION_INDEX": str(index), "TF_CPP_MIN_LOG_LEVEL": "2",
+               "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(K8S.parent)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "aekit_cli", *pod_args, "--smoke"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def _served_predicts(server) -> float:
+    """Predict calls a server counted (its Prometheus metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{server.rest_url}/monitoring/prometheus/metrics", timeout=10) as r:
+        families = text_string_to_metric_families(r.read().decode())
+        return sum(sample.value for family in families for sample in family.samples
+                   if ":request_count" in sample.name and not sample.name.endswith("_created")
+                   and sample.labels.get("api", "").lower() == "predict")
+
+
+def _half_plus_two_servers(tmp_path: Path, count: int):
+    """`count` real `aekit serve` processes on one model folder (TF Serving's half_plus_two)."""
+    write_tf2(tmp_path / "models" / "half" / "1")
+    monitoring = tmp_path / "monitoring.config"
+    monitoring.write_text('prometheus_config { enable: true path: "/monitoring/prometheus/metrics" }\n')
+    flags = ["--model_name=half", f"--model_base_path={tmp_path / 'models' / 'half'}",
+             f"--monitoring_config_file={monitoring}"]
+    return [running_server(flags, tmp_path / f"server{i}.log", models=["half"]) for i in range(count)]
+
+
+@pytest.mark.slow
+def test_round_robin_spreads_one_clients_calls_over_both_servers(tmp_path):
+    """Two servers behind one target (as a headless Service's name resolves to every pod): gRPC's
+    default pick_first sends every call to one of them, round_robin to both."""
+    from clients import AutoencoderClient
+    from clients.loadtest import LoadConfig, run
+
+    first, second = _half_plus_two_servers(tmp_path, 2)
+    with first as a, second as b:
+        target = f"ipv4:127.0.0.1:{a.grpc_port},127.0.0.1:{b.grpc_port}"
+        served = {}
+        for policy in ("pick_first", "round_robin"):
+            before = [_served_predicts(a), _served_predicts(b)]
+            with AutoencoderClient(target, "half", load_balancing=policy) as client:
+                client.wait_until_available()
+                for _ in range(20):
+                    client.predict("serving_default", np.zeros((1, 1), np.float32))
+            served[policy] = [_served_predicts(a) - before[0], _served_predicts(b) - before[1]]
+        assert sorted(served["pick_first"]) == [0, 20]
+        assert sum(served["round_robin"]) == 20 and min(served["round_robin"]) >= 5, served
+        before = [_served_predicts(a), _served_predicts(b)]
+        report = run(LoadConfig(server=target, model="half", signature="serving_default", requests=40,
+                                concurrency=4, load_balancing="round_robin"))
+        after = [_served_predicts(a) - before[0], _served_predicts(b) - before[1]]
+        assert report["errors"] == 0 and sum(after) == 40 and min(after) >= 10, after
+        # A dns:/// name, as for the headless Service (localhost resolves to 127.0.0.1 here).
+        cli = subprocess.run([sys.executable, "-m", "aekit_cli", "client", "status", "--model", "half",
+                              "--server", f"dns:///localhost:{a.grpc_port}", "--load-balancing", "round_robin"],
+                             capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 0 and json.loads(cli.stdout)[0]["state"] == "AVAILABLE", cli.stderr[-2000:]
+
+
+def test_load_balancing_is_refused_for_rest_in_one_line():
+    import argparse
+
+    from clients.cli import add_client_parser, make_client
+    from clients.errors import ClientError
+    from clients.loadtest import LoadConfig
+
+    parser = argparse.ArgumentParser()
+    add_client_parser(parser.add_subparsers())
+    args = parser.parse_args(["client", "status", "--rest", "--server", "localhost:8501",
+                              "--load-balancing", "round_robin"])
+    with pytest.raises(ClientError, match="--load-balancing is for gRPC"):
+        make_client(args)
+    for bad in (LoadConfig(server="x:1", rest=True, load_balancing="round_robin"),
+                LoadConfig(server="x:1", load_balancing="least_request")):
+        with pytest.raises(ClientError, match="--load-balancing"):
+            bad.validate()
