@@ -6,7 +6,6 @@ label releases the manifests rely on, against real `aekit serve` processes."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -584,3 +583,85 @@ def test_load_balancing_is_refused_for_rest_in_one_line():
                 LoadConfig(server="x:1", load_balancing="least_request")):
         with pytest.raises(ClientError, match="--load-balancing"):
             bad.validate()
+
+
+class _ContinuousCaller(threading.Thread):
+    """Calls the model by each label, back to back, until stopped; keeps every failure."""
+
+    def __init__(self, address: str, labels: tuple[str, ...]):
+        super().__init__(daemon=True)
+        self.address, self.labels = address, labels
+        self.calls, self.failures = 0, []
+        self.stopped = threading.Event()
+
+    def run(self):
+        from clients import AutoencoderClient
+        from clients.errors import ClientError
+
+        with AutoencoderClient(self.address, "half", retries=0) as client:
+            while not self.stopped.is_set():
+                for label in self.labels:
+                    try:
+                        client.predict("serving_default", np.zeros((1, 1), np.float32), label=label)
+                        self.calls += 1
+                    except ClientError as e:
+                        self.failures.append(f"{label}: {e}")
+
+
+@pytest.mark.slow
+def test_release_moves_labels_promotes_and_rolls_back_without_a_failed_request(tmp_path):
+    """The rendered models.config (two versions kept, stable and canary labels) on a real server
+    that polls it; `aekit release` moves canary, promotes, rolls back, refuses a version that is
+    not AVAILABLE, while a client calls by label all along."""
+    from clients import AutoencoderClient
+    from clients.errors import ClientError
+    from clients.release import read_config, release
+
+    base = tmp_path / "models" / "half"
+    write_tf2(base / "1", b=2.0)  # y = 0.5 x + 2: version 1 answers 2 at x = 0
+    write_tf2(base / "2", b=3.0)  # version 2 answers 3
+    rendered = by_kind(RENDERED["overlays/cpu"], "ConfigMap")["data"]["models.config"]
+    config = tmp_path / "models.config"
+    config.write_text(rendered.replace('"autoencoder"', '"half"').replace('"/models/autoencoder"', f'"{base}"'))
+    flags = [f"--model_config_file={config}", "--model_config_file_poll_wait_seconds=1",
+             "--file_system_poll_wait_seconds=1"]
+    with running_server(flags, tmp_path / "server.log", models=["half"]) as server:
+        with AutoencoderClient(server.grpc_address, "half") as client:
+            def answer(label):
+                return client.predict("serving_default", np.zeros((1, 1), np.float32), label=label)["y"].item()
+
+            deadline = time.monotonic() + 60
+            while len([s for s in client.status() if s["state"] == "AVAILABLE"]) < 2:  # latest{2}: both
+                assert time.monotonic() < deadline, server.log_text()[-3000:]
+                time.sleep(0.2)
+            caller = _ContinuousCaller(server.grpc_address, ("stable", "canary"))
+            caller.start()
+
+            def move(label, version):
+                release(str(config), "half", label, version, [server.grpc_address])
+                time.sleep(0.3)  # calls by the moved label keep flowing
+
+            assert (answer("stable"), answer("canary")) == (2.0, 2.0)
+            move("canary", 2)
+            assert (answer("stable"), answer("canary")) == (2.0, 3.0)
+            move("stable", 2)  # promote
+            assert (answer("stable"), answer("canary")) == (3.0, 3.0)
+            move("stable", 1)  # roll back
+            assert answer("stable") == 2.0
+            time.sleep(2.5)  # the server re-read the rewritten file: the labels stay where they moved
+            assert (answer("stable"), answer("canary")) == (2.0, 3.0)
+            labels = read_config(config).model_config_list.config[0].version_labels
+            assert dict(labels) == {"stable": 1, "canary": 2} and config.read_text().startswith("#")
+
+            before = config.read_text()
+            with pytest.raises(ClientError, match="version 3 of half is not found on .*not AVAILABLE"):
+                release(str(config), "half", "canary", 3, [server.grpc_address])
+            assert config.read_text() == before and answer("canary") == 3.0
+            cli = subprocess.run([sys.executable, "-m", "aekit_cli", "release", "--config", str(config),
+                                  "--model", "half", "--label", "canary", "--version", "3",
+                                  "--server", server.grpc_address], capture_output=True, text=True, timeout=120)
+            assert cli.returncode == 1 and "Traceback" not in cli.stderr, cli.stderr[-2000:]
+            assert cli.stderr.splitlines()[-1].startswith("aekit: error: version 3 of half is not found")
+            caller.stopped.set()
+            caller.join(30)
+    assert caller.calls > 20 and caller.failures == [], caller.failures[:5]
