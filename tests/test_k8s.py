@@ -12,6 +12,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -213,9 +214,107 @@ def test_serving_has_probes_named_ports_and_its_companions(path):
     assert {(p["name"], p["port"]) for p in service["spec"]["ports"]} == {("grpc", 8500), ("http", 8501)}
     assert by_kind(docs, "HorizontalPodAutoscaler")["apiVersion"] == "autoscaling/v2"
     by_kind(docs, "PodDisruptionBudget")
-    policy = by_kind(docs, "NetworkPolicy")
+    policy = by_kind(docs, "NetworkPolicy", "aekit-serving")
     assert policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == {"aekit-client": "true"}
     by_kind(docs, "ServiceAccount", "aekit")
+
+
+@pytest.mark.parametrize("path", SERVING_KUSTOMIZATIONS)
+def test_serving_starts_after_a_version_exists_and_its_probes_are_sized(path):
+    spec = by_kind(RENDERED[path], "Deployment", "aekit-serving")["spec"]["template"]["spec"]
+    init, container = spec["initContainers"][0], spec["containers"][0]
+    assert init["image"] == container["image"]  # nothing else to pull
+    assert init["command"][:2] == ["sh", "/config/wait-for-models.sh"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert all(mounts[m["mountPath"]] == m for m in init["volumeMounts"])  # it sees what the server reads
+    # Probes start once the init container is done: the startup budget covers loading and warm-up
+    # only; liveness is lenient (a slow reply under load is not a dead server).
+    assert container["startupProbe"]["grpc"]["port"] == 8500 and _probe_budget_seconds(container["startupProbe"]) >= 300
+    assert container["livenessProbe"]["timeoutSeconds"] >= 5 and _probe_budget_seconds(container["livenessProbe"]) >= 60
+    flags = aekit_serve_args(container["args"])
+    assert "--allow_version_labels_for_unavailable_models=true" in container["args"]  # labels before the first load
+    assert parse_flags(flags).grpc_channel_arguments.startswith("grpc.max_connection_age_ms=")
+
+
+@pytest.mark.parametrize("path", SERVING_KUSTOMIZATIONS)
+def test_grpc_has_a_headless_service_over_the_serving_pods(path):
+    docs = RENDERED[path]
+    headless = by_kind(docs, "Service", "aekit-serving-grpc")
+    deployment = by_kind(docs, "Deployment", "aekit-serving")
+    assert headless["spec"]["clusterIP"] == "None" and not headless["spec"].get("publishNotReadyAddresses")
+    assert headless["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert [(p["port"], p["targetPort"]) for p in headless["spec"]["ports"]] == [(8500, "grpc")]
+
+
+def _ingress_rules_for(docs: list[dict], labels: dict) -> list[dict]:
+    return [rule for doc in docs if doc["kind"] == "NetworkPolicy"
+            and doc["spec"]["podSelector"]["matchLabels"].items() <= labels.items() for rule in doc["spec"]["ingress"]]
+
+
+@pytest.mark.parametrize("path", SERVING_KUSTOMIZATIONS)
+def test_prometheus_may_scrape_what_the_pod_annotations_ask_for(path):
+    docs = RENDERED[path]
+    template = by_kind(docs, "Deployment", "aekit-serving")["spec"]["template"]
+    annotations, container = template["metadata"]["annotations"], template["spec"]["containers"][0]
+    port_name = next(p["name"] for p in container["ports"] if str(p["containerPort"]) == annotations["prometheus.io/port"])
+    monitoring = by_kind(docs, "ConfigMap")["data"]["monitoring.config"]
+    assert f'path: "{annotations["prometheus.io/path"]}"' in monitoring
+    scrape = [rule for rule in _ingress_rules_for(docs, template["metadata"]["labels"])
+              if any("kubernetes.io/metadata.name" in f.get("namespaceSelector", {}).get("matchLabels", {})
+                     for f in rule["from"])]
+    assert scrape and {p["port"] for p in scrape[0]["ports"]} == {port_name}
+    assert scrape[0]["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+
+
+@pytest.mark.parametrize("path", SERVING_KUSTOMIZATIONS + ["overlays/kserve"])
+def test_training_pods_admit_only_their_own_jobs_pods_on_the_collective_port(path):
+    docs = RENDERED[path]
+    job = next(d for d in docs if d["kind"] in ("Job", "TFJob"))
+    # The label each controller puts on the pods it creates for this job.
+    job_label = "batch.kubernetes.io/job-name" if job["kind"] == "Job" else "training.kubeflow.org/job-name"
+    template = next(t for _, t in pod_templates([job]))
+    rules = _ingress_rules_for(docs, template["metadata"]["labels"])
+    assert rules == [{"from": [{"podSelector": {"matchLabels": {job_label: job["metadata"]["name"]}}}],
+                      "ports": [{"port": 2222, "protocol": "TCP"}]}]  # no namespaceSelector: this namespace only
+    assert {p["containerPort"] for c in template["spec"]["containers"] for p in c["ports"]} == {2222}
+
+
+def test_models_config_keeps_a_canary_beside_stable_and_a_memory_limit_for_both():
+    from clients.release import read_config
+
+    docs = RENDERED["overlays/cpu"]
+    text = by_kind(docs, "ConfigMap")["data"]["models.config"]
+    config = Path(tempfile.mkdtemp()) / "models.config"
+    config.write_text(text)
+    (model,) = read_config(config).model_config_list.config
+    assert model.model_version_policy.latest.num_versions == 2
+    assert dict(model.version_labels) == {"stable": 1, "canary": 1}  # the first version training exports
+    container = by_kind(docs, "Deployment", "aekit-serving")["spec"]["template"]["spec"]["containers"][0]
+    limit, request = (container["resources"][k]["memory"] for k in ("limits", "requests"))
+    assert (limit, request) == ("2Gi", "1Gi")  # k8s/README.md, "Memory": measured, for two versions
+    # One ConfigMap name: an edited models.config reaches the running pods' polled file in place.
+    assert by_kind(docs, "ConfigMap")["metadata"]["name"] == "aekit-serving-config"
+
+
+def test_kserve_overlays_train_then_serve_on_the_tensorflow_serving_runtime():
+    training = RENDERED["overlays/kserve"]
+    assert {d["kind"] for d in training} == {"ServiceAccount", "PersistentVolumeClaim", "Job", "Service",
+                                             "NetworkPolicy"}
+    (isvc,) = RENDERED["overlays/kserve/inferenceservice"]
+    predictor = isvc["spec"]["predictor"]
+    model = predictor["model"]
+    assert model["modelFormat"]["name"] == "tensorflow" and model["runtime"] == "kserve-tensorflow-serving"
+    claim, path = re.fullmatch(r"pvc://([^/]+)/(.+)", model["storageUri"]).groups()
+    trainer = by_kind(training, "Job")["spec"]["template"]["spec"]
+    assert (claim, path) == _mount_path_on_volume(trainer, trainer["containers"][0],
+                                                  _arg(trainer["containers"][0]["args"], "--model-base-path"))
+    assert 0 < predictor["canaryTrafficPercent"] < 100
+    serving = by_kind(RENDERED["overlays/cpu"], "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert serving["image"] == f"tensorflow/serving:{model['runtimeVersion']}"  # the same server version
+    for wrong in ({"canaryTrafficPercent": 150}, {"canaryTraficPercent": 10},
+                  {"model": {**model, "storageUri": "/data/models"}}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({**isvc, "spec": {"predictor": {**predictor, **wrong}}}, ISVC_SCHEMA)
 
 
 def test_gpu_overlays_ask_for_gpus_and_use_nccl():
