@@ -483,6 +483,11 @@ def test_init_container_waits_for_a_complete_version(tmp_path):
     finally:
         init.kill()
         init.wait()
+    models_config = tmp_path / "config" / "models.config"  # an object store it cannot look into
+    models_config.write_text(models_config.read_text().replace(f'"{tmp_path}/models/', '"gs://bucket/'))
+    result = subprocess.run(_init_container_command(docs, tmp_path / "config"), capture_output=True, text=True,
+                            timeout=10)
+    assert result.returncode == 0 and "cannot look into gs://bucket/autoencoder" in result.stdout
 
 
 STANDIN = """#!{python}

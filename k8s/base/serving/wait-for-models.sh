@@ -15,6 +15,11 @@ if [ -z "$base_paths" ]; then
   exit 1
 fi
 for base in $base_paths; do
+  case "$base" in
+    *://*)  # an object store: not visible from here (k8s/README.md, step 4)
+      echo "cannot look into $base from this container: not waiting for it"
+      continue ;;
+  esac
   until ls -d "$base"/*/saved_model.pb 2>/dev/null | grep -Eq '/[0-9]+/saved_model\.pb$'; do
     echo "waiting for a version under $base (a numeric folder with saved_model.pb)"
     sleep "$poll_seconds"
