@@ -6,6 +6,7 @@ label releases the manifests rely on, against real `aekit serve` processes."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -767,3 +768,46 @@ def test_release_moves_labels_promotes_and_rolls_back_without_a_failed_request(t
             caller.stopped.set()
             caller.join(30)
     assert caller.calls > 20 and caller.failures == [], caller.failures[:5]
+
+
+def _serve_in(cwd: Path, config: Path) -> tuple[subprocess.Popen, str]:
+    """`aekit serve` started in `cwd`, where the config's relative base_path resolves."""
+    port = free_ports(1)[0]
+    proc = subprocess.Popen([sys.executable, "-m", "aekit_cli", "serve", f"--port={port}",
+                             f"--model_config_file={config}", "--file_system_poll_wait_seconds=1"], cwd=cwd,
+                            env=dict(os.environ, PYTHONPATH=str(K8S.parent), TF_CPP_MIN_LOG_LEVEL="2"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, f"127.0.0.1:{port}"
+
+
+@pytest.mark.slow
+def test_release_refused_by_one_server_is_undone_on_the_others(tmp_path):
+    """Server B never got version 1, which the stable label names: it refuses the new config, so
+    the canary label moved on A moves back and the file stays as it was."""
+    from clients import AutoencoderClient
+    from clients.errors import ClientError
+    from clients.release import release
+
+    for host, versions in (("a", (1, 2)), ("b", (2,))):
+        for version in versions:
+            write_tf2(tmp_path / host / "models" / "half" / str(version), b=1.0 + version)
+    config = tmp_path / "models.config"
+    config.write_text('model_config_list { config { name: "half" base_path: "models/half" model_platform: '
+                      '"tensorflow" model_version_policy { latest { num_versions: 2 } } '
+                      'version_labels { key: "stable" value: 1 } version_labels { key: "canary" value: 1 } } }\n')
+    (a, a_address), (b, b_address) = _serve_in(tmp_path / "a", config), _serve_in(tmp_path / "b", config)
+    try:
+        with AutoencoderClient(a_address, "half", retries=60, backoff=0.5) as on_a, \
+                AutoencoderClient(b_address, "half", retries=60, backoff=0.5) as on_b:
+            on_b.wait_until_available(version=2)
+            on_a.wait_until_available(version=1)
+            on_a.wait_until_available(version=2)
+            before = config.read_text()
+            with pytest.raises(ClientError, match=f"{b_address} refused .* undone on 1 other server"):
+                release(str(config), "half", "canary", 2, [a_address, b_address])
+            assert on_a.predict("serving_default", np.zeros((1, 1), np.float32), label="canary")["y"].item() == 2.0
+            assert config.read_text() == before
+    finally:
+        for proc in (a, b):
+            proc.terminate()
+            proc.wait(30)
