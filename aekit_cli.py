@@ -7,6 +7,7 @@
     aekit client denoise --server localhost:8500 --model autoencoder --input x.npy --output y.npy
     aekit plot --workdir runs/ae --output-dir figures
     aekit loadtest --server localhost:8500 --model autoencoder --concurrency 16 --requests 2000
+    aekit release --config models.config --model autoencoder --label canary --version 2 --server localhost:8500
     aekit demo
 
 Heavy libraries (TensorFlow) are imported inside the subcommand, so `aekit --help` is instant.
@@ -137,6 +138,13 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     return 0 if report["errors"] == 0 else 1
 
 
+def cmd_release(args: argparse.Namespace) -> int:
+    from clients import release
+
+    print(json.dumps(release.release(args.config, args.model, args.label, args.version, args.server, args.timeout)))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from clients import demo
 
@@ -185,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_loadtest_flags(p)
     p.set_defaults(func=cmd_loadtest)
+
+    p = sub.add_parser("release", help="move a version label (stable, canary) to a version on running servers")
+    from clients.release import add_release_flags
+
+    add_release_flags(p)
+    p.set_defaults(func=cmd_release)
 
     p = sub.add_parser("demo", help="train, export, serve, call and plot on the built-in data")
     p.add_argument("--output-dir", default="demo-output")
