@@ -301,7 +301,8 @@ class _CappedServer(web.Server):
 
     def connection_made(self, handler: web.RequestHandler, transport) -> None:
         super().connection_made(handler, transport)
-        connections = self.connections
+        # A closed connection stays listed until its task ends: count the open ones.
+        connections = [c for c in self.connections if c.transport is not None]
         if len(connections) > self.max_connections:
             victim = next((c for c in connections if c not in self.busy), handler)
             log.debug("REST connection cap %d reached: closing an idle connection", self.max_connections)
@@ -383,7 +384,14 @@ class RestServer:
         self._socket.close()
 
     async def _drain(self, grace: float) -> None:
-        self._draining = True
+        # Not aiohttp's own pre_shutdown/shutdown: those stop reading at once, so a request whose
+        # body is still arriving could never finish.
+        self._draining = True  # every response from now on says Connection: close
         self._listener.close()
-        self._web.pre_shutdown()  # idle connections close now, busy ones after their response
-        await self._web.shutdown(grace)
+        for connection in self._web.connections:
+            if connection not in self._web.busy:
+                connection.force_close()  # idle: closes now (a request it had only begun is dropped)
+        deadline = self._loop.time() + grace
+        while self._web.busy and self._loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await self._web.shutdown(0.1)  # what is still running after the grace period is cancelled
