@@ -53,7 +53,7 @@ class ServerConfig:
     grpc_socket_path: str = ""  # also serve gRPC on this unix socket
     rest_api_port: int = 0  # 0 = REST off (as TF Serving); -1 picks a free port
     rest_api_timeout_in_ms: int = 30000  # per REST request
-    rest_api_num_threads: int = 0  # threads for REST model calls; 0 = 4 x CPU cores (as TF Serving)
+    rest_api_num_threads: int = 0  # threads for REST model calls; 0 = 4 x CPU cores (TF Serving server.h)
     grpc_max_threads: int = 0  # threads for model calls and non-Predict methods; 0 = 4 x CPU cores
     grpc_channel_arguments: str = ""  # k=v,k2=v2 server channel options
     model_name: str = "default"

@@ -6,7 +6,9 @@
     POST ...:classify / ...:regress                        {"examples": [...]}
     GET  <prometheus path>                                 metrics, when monitoring is configured
 
-Errors are {"error": "<message>"} with the HTTP status of the gRPC code (serving.errors).
+Errors are {"error": "<message>"} with the HTTP status of the gRPC code (serving.errors); HTTP
+protocol errors too (400, 408, 413, 414, 431). RestApi maps requests to the DataPlane; RestServer
+only carries bytes, on aiohttp's HTTP/1.1 server (limits and timeouts below).
 """
 
 from __future__ import annotations
@@ -246,8 +248,8 @@ def default_max_connections() -> int:
     return max(8, (soft if soft != resource.RLIM_INFINITY else 65536) // 2)
 
 
-def _json_response(status: int, payload: bytes, content_type: str = "application/json",
-                   close: bool = False) -> web.Response:
+def _response(status: int, payload: bytes, content_type: str = "application/json",
+              close: bool = False) -> web.Response:
     response = web.Response(status=status, body=payload, headers={"Content-Type": content_type,
                                                                   "Server": SERVER_HEADER})
     if close:
@@ -257,7 +259,7 @@ def _json_response(status: int, payload: bytes, content_type: str = "application
 
 def _error(status: int, message: str) -> web.Response:
     # A protocol error leaves the connection's state unknown (e.g. a body not read): close it.
-    return _json_response(status, dumps({"error": message}), close=True)
+    return _response(status, dumps({"error": message}), close=True)
 
 
 def _protocol_error(status: int, exc: BaseException | None, message: str | None) -> tuple[int, str]:
@@ -351,7 +353,7 @@ class RestServer:
             path = request.raw_path.split("?", 1)[0]
             status, content_type, payload = await self._loop.run_in_executor(
                 self._pool, self.api.handle, request.method, path, body)
-            return _json_response(status, payload, content_type, close=self._draining)
+            return _response(status, payload, content_type, close=self._draining)
         finally:
             self._web.busy.discard(request.protocol)
 

@@ -9,6 +9,8 @@ import random
 import resource
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -18,6 +20,7 @@ from serving.manager import ModelManager
 from serving.rest_server import RestApi, RestServer
 from tests.model_fixtures import write_tf2
 from tests.server_process import ServerProcess, running_server
+from training.multiworker import free_ports
 
 MAX_BODY = 100_000
 FUZZ_REQUESTS, FUZZ_SECONDS = 6000, 50  # whichever comes first
@@ -169,6 +172,13 @@ def test_idle_connections_are_closed_after_the_idle_timeout():
         assert read_until_closed(keep_alive) == b""
 
 
+def test_a_body_that_stops_arriving_is_408_json():
+    with rest_server(body_timeout=0.5) as rest:
+        raw = request("POST", "/v1/models/x:predict", BODY)
+        [response] = exchange(rest.port, raw[:-5])
+        assert_json_error(response, 408, "did not arrive within 0.5 s")
+
+
 def test_over_the_connection_cap_idle_connections_make_room_for_real_requests():
     with rest_server(max_connections=20) as rest, contextlib.ExitStack() as stack:
         idle = [stack.enter_context(connect(rest.port)) for _ in range(60)]
@@ -307,3 +317,20 @@ def test_seeded_fuzz_of_the_rest_front_end(server):
     assert counts.get(200, 0) > 300 and sum(v for k, v in counts.items() if k >= 400) > 1000, counts
     rss.append(rss_mib(server.proc.pid))
     assert rss[-1] < rss[0] * 1.2, rss
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("port, says", [(70000, "is out of range: give 1-65535"), (-2, "is out of range"),
+                                        ("busy", "cannot listen on 0.0.0.0:{port}: Address already in use")])
+def test_a_rest_port_in_use_or_out_of_range_is_one_line_and_exit_1(tmp_path, port, says):
+    write_tf2(tmp_path / "model" / "1")
+    grpc_port, free = free_ports(2)
+    with socket.create_server(("0.0.0.0", free)) as busy:
+        port = busy.getsockname()[1] if port == "busy" else port
+        result = subprocess.run([sys.executable, "-m", "aekit_cli", "serve", f"--port={grpc_port}",
+                                 f"--rest_api_port={port}", f"--model_base_path={tmp_path / 'model'}"],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"aekit serve: --rest_api_port={port}") and says.format(port=port) in last, result.stderr
+    assert "Traceback" not in result.stderr
