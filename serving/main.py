@@ -56,7 +56,7 @@ class ServerConfig:
     grpc_socket_path: str = ""  # also serve gRPC on this unix socket
     rest_api_port: int = 0  # 0 = REST off (as TF Serving); -1 picks a free port
     rest_api_timeout_in_ms: int = 30000  # per REST request
-    rest_api_num_threads: int = 0  # accepted for compatibility; the REST server uses a thread per connection
+    rest_api_num_threads: int = 0  # threads for REST model calls; 0 = 4 x CPU cores (TF Serving server.h)
     rest_api_enable_cors_support: bool = False  # ignored (warning): no CORS headers are sent
     grpc_max_threads: int = 0  # threads for model calls and non-Predict methods; 0 = 4 x CPU cores
     grpc_channel_arguments: str = ""  # k=v,k2=v2 server channel options
@@ -103,7 +103,7 @@ class ServerConfig:
     # stripped before exec'ing it)
     engine: str = "auto"  # auto | embedded | tfserving
     host: str = "0.0.0.0"  # bind address for both ports
-    max_request_bytes: int = 2**31 - 1  # larger requests: RESOURCE_EXHAUSTED / HTTP 429
+    max_request_bytes: int = 2**31 - 1  # larger requests: RESOURCE_EXHAUSTED / HTTP 413
 
 AEKIT_ONLY_FLAGS = ("engine", "host", "max_request_bytes")
 
@@ -274,8 +274,7 @@ class EmbeddedServer:
         self.health = self.grpc.health
         self.rest = None
         if cfg.rest_api_port:
-            api = RestApi(self.core, self.monitoring_path, cfg.rest_api_timeout_in_ms / 1000)
-            self.rest = RestServer(api, cfg.host, max(cfg.rest_api_port, 0), cfg.max_request_bytes)
+            self.rest = self._build_rest()
         self._stopped = threading.Event()
 
     def _build_grpc(self) -> GrpcServer:
@@ -286,6 +285,19 @@ class EmbeddedServer:
                             cfg.enable_grpc_healthcheck_service, server_credentials(cfg))
         self.grpc_port = server.ports[0]
         return server
+
+    def _build_rest(self) -> RestServer:
+        cfg = self.cfg
+        if not -1 <= cfg.rest_api_port <= 65535:
+            raise config_files.ConfigFileError(f"--rest_api_port={cfg.rest_api_port} is out of range: give 1-65535, "
+                                               "0 for no REST server or -1 for a free port")
+        api = RestApi(self.core, self.monitoring_path, cfg.rest_api_timeout_in_ms / 1000)
+        threads = cfg.rest_api_num_threads or 4 * (os.cpu_count() or 1)
+        try:
+            return RestServer(api, cfg.host, max(cfg.rest_api_port, 0), cfg.max_request_bytes, threads)
+        except OSError as e:
+            raise config_files.ConfigFileError(f"--rest_api_port={cfg.rest_api_port}: cannot listen on "
+                                               f"{cfg.host}:{cfg.rest_api_port}: {e.strerror}") from None
 
     def _on_event(self, event: str, name: str, version: int) -> None:
         if self.health is not None:

@@ -26,6 +26,7 @@ _NUMPY_TO_ENUM = {np.dtype(tf.dtypes.as_dtype(e).as_numpy_dtype): e for e in (
     types_pb2.DT_INT8, types_pb2.DT_INT16, types_pb2.DT_UINT16, types_pb2.DT_BOOL, types_pb2.DT_HALF,
     types_pb2.DT_UINT32, types_pb2.DT_UINT64)}
 _ENUM_TO_NUMPY = {e: d for d, e in _NUMPY_TO_ENUM.items()}
+MAX_DIMS = 64  # numpy's limit on an array's dimensions
 
 
 # The typed field Tensor::AsProtoField (tensorflow/core/framework/tensor.cc, ProtoHelper<T>)
@@ -106,21 +107,39 @@ def dumps(value) -> bytes:
 
 
 def loads(text: bytes):
+    """The JSON value of `text`; a ServingError (INVALID_ARGUMENT) naming what is wrong if it is
+    not JSON, nests deeper than orjson's 1,024 levels, or holds a lone UTF-16 surrogate."""
     try:
         return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)  # NaN, Infinity; raises json.JSONDecodeError if it is not JSON at all
+    except orjson.JSONDecodeError as e:
+        strict_error = e
+    try:
+        value = json.loads(text)  # NaN, Infinity
+    except RecursionError:
+        raise invalid_argument("JSON Parse error: the value is nested too deeply") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise invalid_argument(f"JSON Parse error: {strict_error}") from None
+    try:  # the standard library lets lone surrogates ("\ud800") through; nothing downstream can encode them
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        raise invalid_argument(f"JSON Parse error: {strict_error}") from None
+    return value
 
 
 def json_to_ndarray(value, dtype_enum: int, alias: str) -> np.ndarray:
     """Converts a JSON value to an array of the signature's dtype, with a clear error if it can't."""
-    if dtype_enum == types_pb2.DT_STRING:
-        return np.asarray(decode_strings(value, alias), dtype=object)
-    dtype = np.dtype(tf.dtypes.as_dtype(dtype_enum).as_numpy_dtype)
     try:
+        if dtype_enum == types_pb2.DT_STRING:
+            return np.asarray(decode_strings(value, alias), dtype=object)
         array = np.asarray(value)
-    except ValueError:
+    except RecursionError:
+        raise invalid_argument(f"input '{alias}' is nested too deeply") from None
+    except ValueError as e:
+        if "maximum number of dimension" in str(e):
+            raise invalid_argument(f"input '{alias}' is nested more than {MAX_DIMS} lists deep: a tensor "
+                                   f"has at most {MAX_DIMS} dimensions") from None
         raise invalid_argument(f"input '{alias}' is a ragged list: every element must have the same shape") from None
+    dtype = np.dtype(tf.dtypes.as_dtype(dtype_enum).as_numpy_dtype)
     if array.dtype == object:
         raise invalid_argument(f"input '{alias}' is a ragged list or mixes types: every element must be a "
                                f"number of the same shape ({tf.dtypes.as_dtype(dtype_enum).name})")
