@@ -617,9 +617,10 @@ def _served_predicts(server) -> float:
 
     with urllib.request.urlopen(f"{server.rest_url}/monitoring/prometheus/metrics", timeout=10) as r:
         families = text_string_to_metric_families(r.read().decode())
+        # TF Serving's request_latency histogram counts each Predict under API="Predict".
         return sum(sample.value for family in families for sample in family.samples
-                   if ":request_count" in sample.name and not sample.name.endswith("_created")
-                   and sample.labels.get("api", "").lower() == "predict")
+                   if sample.name == ":tensorflow:serving:request_latency_count"
+                   and sample.labels.get("API") == "Predict")
 
 
 def _half_plus_two_servers(tmp_path: Path, count: int):
