@@ -18,7 +18,9 @@ import logging
 import os
 import shutil
 import signal
+import ssl
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,6 +30,7 @@ import grpc
 from serving import config_files
 from serving.batching import BatchingOptions, BatchScheduler
 from serving.core import DataPlane
+from serving.errors import StartupError
 from serving.grpc_server import GrpcServer
 from serving.manager import ModelManager
 from serving.metrics import ServerMetrics
@@ -143,9 +146,32 @@ def server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
     ssl = config_files.parse_text(cfg.ssl_config_file, config_files.SSLConfig)
     if not ssl.server_key or not ssl.server_cert:
         raise config_files.ConfigFileError(f"{cfg.ssl_config_file}: server_key and server_cert are required")
+    check_pem(cfg.ssl_config_file, ssl)
     return grpc.ssl_server_credentials([(ssl.server_key.encode(), ssl.server_cert.encode())],
                                        root_certificates=ssl.custom_ca.encode() or None,
                                        require_client_auth=ssl.client_verify)
+
+
+def check_pem(path: str, ssl_config) -> None:
+    """Refuses keys and certificates that are not PEM, or do not match, before gRPC sees them
+    (it would only fail to bind, which reads like a port in use). OpenSSL checks, via `ssl`."""
+    with tempfile.TemporaryDirectory() as folder:
+        key, cert = Path(folder, "key.pem"), Path(folder, "cert.pem")
+        key.write_text(ssl_config.server_key)
+        cert.write_text(ssl_config.server_cert)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(cert, key)
+        except ssl.SSLError as e:
+            raise config_files.ConfigFileError(
+                f"{path}: server_key and server_cert must be a matching PEM private key and certificate "
+                f"(-----BEGIN ...-----); OpenSSL says: {e.reason or 'not PEM'}") from None
+        if ssl_config.custom_ca:
+            try:
+                context.load_verify_locations(cadata=ssl_config.custom_ca)
+            except ssl.SSLError as e:
+                raise config_files.ConfigFileError(f"{path}: custom_ca is not a PEM certificate; "
+                                                   f"OpenSSL says: {e.reason or 'not PEM'}") from None
 
 
 def configure_tf_threads(intra_op: int, inter_op: int) -> None:
@@ -193,6 +219,8 @@ class EmbeddedServer:
 
     def _build_grpc(self) -> GrpcServer:
         cfg = self.cfg
+        if not 0 <= cfg.port <= 65535:  # grpc would take 70000 modulo 65536 and listen on 4464
+            raise StartupError(f"--port={cfg.port} is not a TCP port: use 1-65535 (0 picks a free one)")
         addresses = [f"{cfg.host}:{cfg.port}"] + ([f"unix:{cfg.grpc_socket_path}"] if cfg.grpc_socket_path else [])
         threads = cfg.grpc_max_threads or 4 * (os.cpu_count() or 1)
         server = GrpcServer(self.core, addresses, channel_options(cfg), threads,
@@ -258,7 +286,7 @@ def main(argv: list[str]) -> int:
             if cfg.engine == "tfserving":
                 raise config_files.ConfigFileError(f"--engine tfserving: {TF_SERVING_BINARY} is not on PATH")
         server = EmbeddedServer(cfg)
-    except config_files.ConfigFileError as e:
+    except (config_files.ConfigFileError, StartupError) as e:
         print(f"aekit serve: {e}", file=sys.stderr)
         return 1
     stop = threading.Event()
