@@ -30,9 +30,9 @@ import grpc
 from serving import config_files
 from serving.batching import BatchingOptions, BatchScheduler
 from serving.core import DataPlane
-from serving.errors import StartupError
+from serving.errors import ServingError, StartupError
 from serving.grpc_server import GrpcServer
-from serving.manager import ModelManager
+from serving.manager import ModelManager, check_model_config
 from serving.metrics import ServerMetrics
 from serving.rest_server import RestApi, RestServer
 
@@ -70,7 +70,7 @@ class ServerConfig:
     ssl_config_file: str = ""
     enable_model_warmup: bool = True
     enable_grpc_healthcheck_service: bool = False
-    max_num_load_retries: int = 5  # accepted for compatibility; a failed version stays failed
+    max_num_load_retries: int = 5  # retries of a failed load, then it ends failed (TF Serving's)
     tensorflow_intra_op_parallelism: int = 0  # threads one op may use (0 = TF's default: all cores)
     tensorflow_inter_op_parallelism: int = 0  # ops run at once in one call (0 = TF's default)
     # aekit additions (tensorflow_model_server ignores nothing it does not know: these are
@@ -78,6 +78,8 @@ class ServerConfig:
     engine: str = "auto"  # auto | embedded | tfserving
     host: str = "0.0.0.0"  # bind address for both ports
     max_request_bytes: int = 2**31 - 1  # larger requests: RESOURCE_EXHAUSTED / HTTP 429
+    # added by the gRPC/lifecycle hardening (a TF Serving flag, passed on to it)
+    load_retry_interval_micros: int = 60_000_000  # between load retries; negative = no wait
 
 AEKIT_ONLY_FLAGS = ("engine", "host", "max_request_bytes")
 
@@ -134,10 +136,14 @@ def channel_options(cfg: ServerConfig) -> list[tuple]:
 
 
 def model_server_config(cfg: ServerConfig):
-    if cfg.model_config_file:
-        return config_files.parse_text(cfg.model_config_file, config_files.ModelServerConfig)
-    base = Path(cfg.model_base_path)
-    return config_files.single_model_config(cfg.model_name, str(base.resolve()))
+    if not cfg.model_config_file:
+        return config_files.single_model_config(cfg.model_name, str(Path(cfg.model_base_path).resolve()))
+    config = config_files.parse_text(cfg.model_config_file, config_files.ModelServerConfig)
+    try:
+        check_model_config(config)  # duplicate names, a missing base_path: one line, not a traceback
+    except ServingError as e:
+        raise config_files.ConfigFileError(f"{cfg.model_config_file}: {e.message}") from None
+    return config
 
 
 def server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
@@ -201,7 +207,8 @@ class EmbeddedServer:
             except ValueError as e:
                 raise config_files.ConfigFileError(f"{cfg.batching_parameters_file}: {e}") from None
             batcher = BatchScheduler(options, self.metrics.observe_batch)
-        self.manager = ModelManager(on_event=self._on_event)
+        self.manager = ModelManager(on_event=self._on_event, max_load_retries=max(cfg.max_num_load_retries, 0),
+                                    load_retry_interval=cfg.load_retry_interval_micros / 1e6)
         self.core = DataPlane(self.manager, self.metrics, batcher)
         if cfg.enable_model_warmup:
             self.manager.warmup = self.core.warmup  # the core replays the records; it needs the manager first
