@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 
@@ -349,9 +350,18 @@ class GrpcServer:
 
     def stop(self, grace: float) -> None:
         """Refuses new calls, lets calls in flight finish within `grace` seconds."""
+        self.begin_stop(grace)()
+
+    def begin_stop(self, grace: float) -> Callable[[], None]:
+        """Refuses new calls from now on (grpc sends GOAWAY; a new call on an open connection
+        gets UNAVAILABLE) and returns the wait for the calls in flight (at most `grace` s)."""
         if self.loop is None:
-            self.server.stop(grace).wait()
-            return
-        self._on_loop(self.server.stop(grace))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
+            stopped = self.server.stop(grace)
+            return lambda: stopped.wait()
+        stopping = asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop)
+
+        def wait() -> None:
+            stopping.result()
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(5)
+        return wait

@@ -269,14 +269,16 @@ class EmbeddedServer:
                 log.error("Not reloading %s: %s", self.cfg.model_config_file, e)
 
     def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
-        """Stops taking requests, lets the ones in flight finish, then exits."""
+        """Health says NOT_SERVING, both ports refuse new requests at once, the ones in flight
+        get `grace` seconds to finish, then batching stops."""
         self._stopped.set()
         if self.health:
             self.health.shutdown()
         self.manager.stop()
+        grpc_drained = self.grpc.begin_stop(grace)  # before REST's drain: no new gRPC calls meanwhile
         if self.rest:
             self.rest.stop(grace)
-        self.grpc.stop(grace)
+        grpc_drained()
         if self.core.batcher:
             self.core.batcher.stop()
 

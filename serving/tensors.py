@@ -71,6 +71,13 @@ def proto_to_ndarray(proto: tensor_pb2.TensorProto, alias: str = "", max_bytes: 
     the input.
     """
     name = f"input '{alias}'"
+    try:
+        return _decode(proto, name, max_bytes)
+    except (TypeError, ValueError) as e:  # numpy's own limits, e.g. an empty [0, 2**62, 2**62]
+        raise invalid_argument(f"{name} is not a valid TensorProto: {e}") from None
+
+
+def _decode(proto: tensor_pb2.TensorProto, name: str, max_bytes: int | None) -> np.ndarray:
     dtype, field = _wire_type(proto.dtype, name)
     shape = _checked_shape(proto, name)
     count = math.prod(shape)
