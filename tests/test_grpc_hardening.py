@@ -18,6 +18,7 @@ import signal
 import subprocess
 import time
 import tracemalloc
+import urllib.request
 from concurrent import futures
 from pathlib import Path
 
@@ -479,7 +480,7 @@ def test_load_retries_and_sigterm_with_a_call_in_flight(model_root, tmp_path):
     batching = tmp_path / "batching.config"  # a lone request waits 3 s for company: a call in flight
     batching.write_text("max_batch_size { value: 64 }\nbatch_timeout_micros { value: 3000000 }\n")
     flags = [f"--model_config_file={config}", "--enable_batching", f"--batching_parameters_file={batching}",
-             "--max_num_load_retries=1000", "--load_retry_interval_micros=300000", "--file_system_poll_wait_seconds=0"]
+             "--rest_api_timeout_in_ms=60000", "--max_num_load_retries=1000", "--load_retry_interval_micros=300000", "--file_system_poll_wait_seconds=0"]
     with running_server(flags, tmp_path / "server.log", ["half"]) as server, \
             grpc.insecure_channel(server.grpc_address) as channel:
         assert status_of(channel, "late") == [get_model_status_pb2.ModelVersionStatus.LOADING]  # retrying
@@ -490,16 +491,26 @@ def test_load_retries_and_sigterm_with_a_call_in_flight(model_root, tmp_path):
             time.sleep(0.2)
 
         in_flight = channel.unary_unary(PREDICT).future(valid_predict_bytes(), timeout=30)
-        time.sleep(1.0)
-        server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        with pytest.raises(grpc.RpcError) as info:
-            call_raw(channel, PREDICT, valid_predict_bytes())
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert not in_flight.done()  # refused while the call in flight is still running
-        reply = predict_pb2.PredictResponse.FromString(in_flight.result())
-        assert tf.make_ndarray(reply.outputs["y"]).tolist() == [[3.0], [3.5]]
+        body = json.dumps({"instances": [[2.0]]}).encode()
+        rest_call = urllib.request.Request(f"{server.rest_url}/v1/models/half:predict", data=body, method="POST")
+        with futures.ThreadPoolExecutor(1) as pool:  # a REST call in flight too: gRPC must not wait for it
+            rest_in_flight = pool.submit(lambda: json.load(urllib.request.urlopen(rest_call, timeout=30)))
+            time.sleep(1.0)
+            refused_while_draining(server, channel, in_flight)
+            assert rest_in_flight.result() == {"predictions": [[3.0]]}
         assert server.proc.wait(30) == 0
+
+
+def refused_while_draining(server, channel, in_flight) -> None:
+    """SIGTERM: a new call is refused while the one in flight still runs, which then completes."""
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    with pytest.raises(grpc.RpcError) as info:
+        call_raw(channel, PREDICT, valid_predict_bytes())
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert not in_flight.done()  # refused while the call in flight is still running
+    reply = predict_pb2.PredictResponse.FromString(in_flight.result())
+    assert tf.make_ndarray(reply.outputs["y"]).tolist() == [[3.0], [3.5]]
 
 
 @pytest.mark.slow

@@ -141,6 +141,22 @@ def test_deleting_the_serving_version_serves_the_now_latest_older_one(tmp_path, 
     assert states(manager)[2].state == State.END
 
 
+def test_deleting_the_serving_version_brings_back_an_older_one_that_failed_while_being_copied(tmp_path, versions):
+    base = tmp_path / "m"
+    shutil.copytree(versions / "1" / "variables", base / "1" / "variables")  # saved_model.pb not there yet
+    manager = ModelManager(max_load_retries=0)
+    manager.reload(config(base))
+    assert states(manager)[1].state == State.END
+    shutil.copytree(versions / "2", base / "2")
+    manager.poll()
+    shutil.copy(versions / "1" / "saved_model.pb", base / "1" / "saved_model.pb")  # the copy completes
+    manager.poll()
+    assert manager.resolve("m").version == 2 and states(manager)[1].state == State.END  # not aspired
+    shutil.rmtree(base / "2")
+    manager.poll()
+    assert manager.resolve("m").version == 1
+
+
 def test_retries_stop_when_the_version_is_no_longer_aspired(tmp_path, versions):
     base = tmp_path / "m"
     shutil.copytree(versions / "1", base / "1")
