@@ -61,8 +61,8 @@ def _status_of(error: Exception, method_name: str) -> tuple[grpc.StatusCode, str
 class _Undecodable:
     """Stands in for a request whose bytes do not parse, so that `_map_errors` answers it."""
 
-    def __init__(self, error: Exception):
-        self.error = error
+    def __init__(self, message_name: str, error: Exception):
+        self.message_name, self.error = message_name, error
 
 
 def _checked_request(request, method_name: str):
@@ -70,8 +70,8 @@ def _checked_request(request, method_name: str):
         # grpc-python answers INTERNAL ("Exception deserializing request!"; UNKNOWN on grpc.aio),
         # and so does TF Serving's grpc++ (GenericDeserialize in grpcpp proto_utils.h): bytes that
         # are not the method's message are the client's mistake, so INVALID_ARGUMENT here.
-        raise invalid_argument(f"{method_name}: the request bytes are not a valid "
-                               f"{method_name}Request message: {request.error}")
+        raise invalid_argument(f"{method_name}: the request bytes are not a valid {request.message_name}: "
+                               f"{request.error}")
     return request
 
 
@@ -106,13 +106,15 @@ def _tolerant(handler: grpc.RpcMethodHandler | None, method: str) -> grpc.RpcMet
     _Undecodable instead of failing inside grpc (see _checked_request)."""
     if handler is None or not method.startswith(TF_SERVING_METHODS) or handler.request_streaming:
         return handler
-    parse = handler.request_deserializer
+    parse = handler.request_deserializer  # the generated stubs pass SomeRequest.FromString
+    message_name = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
+    message_name = message_name.full_name if message_name else "request message"
 
     def deserialize(data: bytes):
         try:
             return parse(data)
         except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, or worse: the client's bytes
-            return _Undecodable(e)
+            return _Undecodable(message_name, e)
     return handler._replace(request_deserializer=deserialize)
 
 

@@ -136,13 +136,14 @@ def channel_options(cfg: ServerConfig) -> list[tuple]:
 
 
 def model_server_config(cfg: ServerConfig):
-    if not cfg.model_config_file:
-        return config_files.single_model_config(cfg.model_name, str(Path(cfg.model_base_path).resolve()))
-    config = config_files.parse_text(cfg.model_config_file, config_files.ModelServerConfig)
+    if cfg.model_config_file:
+        config = config_files.parse_text(cfg.model_config_file, config_files.ModelServerConfig)
+    else:
+        config = config_files.single_model_config(cfg.model_name, str(Path(cfg.model_base_path).resolve()))
     try:
         check_model_config(config)  # duplicate names, a missing base_path: one line, not a traceback
     except ServingError as e:
-        raise config_files.ConfigFileError(f"{cfg.model_config_file}: {e.message}") from None
+        raise config_files.ConfigFileError(f"{cfg.model_config_file or '--model_name'}: {e.message}") from None
     return config
 
 

@@ -196,7 +196,7 @@ def test_undecodable_request_bytes_are_invalid_argument(grpc_address, body):
             with pytest.raises(grpc.RpcError) as info:
                 call_raw(channel, method, body)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, info.value.details())
-            assert "not a valid" in info.value.details()
+            assert "not a valid tensorflow.serving." in info.value.details()
 
 
 def predict_request(name="half", signature="", **inputs) -> predict_pb2.PredictRequest:
@@ -531,7 +531,8 @@ def test_the_unix_socket_uses_the_tls_credentials_and_bad_files_fail_in_one_line
     no_base.write_text('model_config_list { config { name: "half" } }')
     for flags, words in [([f"--model_config_file={config}", f"--ssl_config_file={not_pem}"], "matching PEM"),
                          ([f"--model_config_file={duplicate}"], "Illegal to list model half multiple times"),
-                         ([f"--model_config_file={no_base}"], "has no base_path")]:
+                         ([f"--model_config_file={no_base}"], "has no base_path"),
+                         ([f"--model_base_path={model_root / 'half'}", "--model_name="], "has no name")]:
         last = refused_start(["--port=0", *flags], capsys)
         assert last.startswith("aekit serve: ") and words in last
 
