@@ -3,7 +3,9 @@
 Versions are numeric folders under each model's base_path. A poll (at start, every
 --file_system_poll_wait_seconds, and on a config reload) compares them with the model's
 version policy, loads what is aspired and missing, and unloads what is no longer aspired.
-A version that fails to load never replaces the one being served; its status keeps the error.
+A version that fails to load never replaces the one being served: it stays LOADING while it is
+retried (--max_num_load_retries, every --load_retry_interval_micros, as TF Serving), then ends
+with the error in its status, and loads again once its files change. A reload is all or nothing.
 Requests hold a reference to the Servable they resolved, so an unload never breaks them.
 """
 
