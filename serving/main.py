@@ -262,10 +262,13 @@ class EmbeddedServer:
         while not self._stopped.wait(self.cfg.model_config_file_poll_wait_seconds):
             try:
                 text = Path(self.cfg.model_config_file).read_text()
-                if text != last:
-                    self.manager.reload(config_files.parse_model_config_text(text))
-                    last = text
-                    log.info("Reloaded model config from %s", self.cfg.model_config_file)
+                if text == last:
+                    continue
+                # Tried once per edit: a reload that fails (all or nothing) would otherwise load
+                # and discard the new models at every poll.
+                last = text
+                self.manager.reload(config_files.parse_model_config_text(text))
+                log.info("Reloaded model config from %s", self.cfg.model_config_file)
             except Exception as e:  # noqa: BLE001 - keep serving the old set; say why
                 log.error("Not reloading %s: %s", self.cfg.model_config_file, e)
 

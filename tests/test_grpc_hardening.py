@@ -480,7 +480,7 @@ def test_load_retries_and_sigterm_with_a_call_in_flight(model_root, tmp_path):
     batching = tmp_path / "batching.config"  # a lone request waits 3 s for company: a call in flight
     batching.write_text("max_batch_size { value: 64 }\nbatch_timeout_micros { value: 3000000 }\n")
     flags = [f"--model_config_file={config}", "--enable_batching", f"--batching_parameters_file={batching}",
-             "--rest_api_timeout_in_ms=60000", "--max_num_load_retries=1000", "--load_retry_interval_micros=300000", "--file_system_poll_wait_seconds=0"]
+             "--rest_api_timeout_in_ms=60000", "--model_config_file_poll_wait_seconds=1", "--max_num_load_retries=1000", "--load_retry_interval_micros=300000", "--file_system_poll_wait_seconds=0"]
     with running_server(flags, tmp_path / "server.log", ["half"]) as server, \
             grpc.insecure_channel(server.grpc_address) as channel:
         assert status_of(channel, "late") == [get_model_status_pb2.ModelVersionStatus.LOADING]  # retrying
@@ -489,6 +489,13 @@ def test_load_retries_and_sigterm_with_a_call_in_flight(model_root, tmp_path):
         while status_of(channel, "late") != [get_model_status_pb2.ModelVersionStatus.AVAILABLE]:
             assert time.monotonic() < deadline, server.log_text()[-2000:]
             time.sleep(0.2)
+
+        # an edit whose labels cannot hold is not applied, not even in part, and is tried once
+        config.write_text(f'model_config_list {{ config {{ name: "half" base_path: "{model_root / "half"}" '
+                          'version_labels { key: "stable" value: 9 } } }')
+        time.sleep(3.0)
+        assert status_of(channel, "late") == [get_model_status_pb2.ModelVersionStatus.AVAILABLE]
+        assert server.log_text().count("Not reloading") == 1
 
         in_flight = channel.unary_unary(PREDICT).future(valid_predict_bytes(), timeout=30)
         body = json.dumps({"instances": [[2.0]]}).encode()
