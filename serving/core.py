@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
@@ -217,6 +218,10 @@ class DataPlane:
         if len(signature.inputs) != 1 or "inputs" not in signature.inputs:
             raise invalid_argument(f"Expected one input Tensor named \"inputs\" in {what} signature {name}; "
                                    f"found {sorted(signature.inputs)}")
+        if signature.inputs["inputs"].dtype != types_pb2.DT_STRING:
+            raise invalid_argument(f"{what.capitalize()} signature {name} takes "
+                                   f"{tf.dtypes.as_dtype(signature.inputs['inputs'].dtype).name} \"inputs\", not "
+                                   "serialized tf.Examples (string); call it with Predict")
         wanted = {"classes", "scores"} if method == CLASSIFY_METHOD else {"outputs"}
         if not wanted & set(signature.outputs):
             raise invalid_argument(f"Expected {what} signature outputs to contain "

@@ -99,6 +99,9 @@ class Servable:
 
     def signature(self, name: str) -> meta_graph_pb2.SignatureDef:
         name = name or DEFAULT_SIGNATURE
+        if name == INIT_OP_SIGNATURE:  # listed in metadata, but it initializes; there is nothing to run
+            raise failed_precondition(f'Serving signature key "{name}" is the SavedModel\'s initializer, '
+                                      'not a signature that can be called.')
         if name not in self.signature_defs:
             raise failed_precondition(f'Serving signature key "{name}" not found.')
         return self._checked_signatures[name]
