@@ -53,7 +53,10 @@ def test_one_step_on_two_devices_equals_one_device(tmp_path, small_arrays):
 
 
 class StopAtStep(train.StopSignal):
-    """Behaves like a SIGTERM arriving during training call `n + 1` (calls end on checkpoint steps)."""
+    """Behaves like a SIGTERM arriving during training call `n + 1` (calls end on checkpoint steps).
+
+    The first read is the start-up agreement (train.agree_on_start), before any training call.
+    """
 
     def __init__(self, n):
         super().__init__()
@@ -62,7 +65,7 @@ class StopAtStep(train.StopSignal):
     @property
     def requested(self):
         self.calls += 1
-        return self.calls > self.n
+        return self.calls > self.n + 1
 
     @requested.setter
     def requested(self, value):
