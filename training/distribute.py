@@ -13,11 +13,11 @@ gives up after --rendezvous-timeout-seconds naming them, and a SIGTERM meanwhile
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
-import threading
 import time
 
 import tensorflow as tf
@@ -26,23 +26,30 @@ from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
 from training.config import ConfigError
 
 REPORT_EVERY_SECONDS = 5.0  # a waiting line this often while workers are missing
+CONNECT_SECONDS = 60.0  # TensorFlow's own connect, once every worker answered; SIGTERM waits for it
 
 
 class RendezvousFailed(RuntimeError):
-    """The workers never all met, or one was lost while they met; nothing was trained.
+    """The workers never all met; nothing was trained. Start the missing ones, or rerun.
 
-    TensorFlow's connect call cannot be interrupted, so the CLI ends the process right after the
-    message (abandon_process) instead of waiting for the thread stuck in it.
+    Nothing is left to save, so the CLI ends the process right after the message
+    (abandon_process) instead of waiting seconds for TensorFlow's teardown.
     """
 
-    exit_code = 75  # EX_TEMPFAIL: start the missing workers, or rerun, and it will go through
+    exit_code = 75  # EX_TEMPFAIL: a rerun goes through once every worker runs
     abandon_process = True
 
 
 class StoppedWhileWaiting(RendezvousFailed):
-    """SIGTERM arrived during the rendezvous: stop now, there is nothing to save."""
+    """SIGTERM arrived while the workers were meeting: stop now, there is nothing to save."""
 
     exit_code = 143
+
+
+class LostAtStartup(RendezvousFailed):
+    """Every worker answered, then TensorFlow's own connect failed: a peer went away meanwhile."""
+
+    exit_code = 1
 
 
 def configure_logical_devices(count: int) -> None:
@@ -148,12 +155,18 @@ def _multi_worker_strategy(tf_config: dict, collective: str, timeout_seconds: fl
         raise ConfigError("--collective nccl needs GPUs; use ring (or auto) on CPU")
     options = tf.distribute.experimental.CommunicationOptions(
         implementation=implementation, timeout_seconds=timeout_seconds)  # a dead peer fails, not hangs
-    configure_coordination(tf_config, timeout_seconds, rendezvous_seconds)
-    return wait_for_workers(lambda: tf.distribute.MultiWorkerMirroredStrategy(communication_options=options),
-                            tf_config, rendezvous_seconds)
+    wait_for_workers(tf_config, rendezvous_seconds)
+    configure_coordination(tf_config, timeout_seconds)
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    except (tf.errors.OpError, RuntimeError) as e:
+        detail = (e.message if isinstance(e, tf.errors.OpError) else str(e)).strip().splitlines()
+        raise LostAtStartup(f"{task_of(tf_config)}: a peer worker failed or became unreachable while the workers "
+                            f"connected ({type(e).__name__}: {detail[0][:200] if detail else ''}); "
+                            "restart the job") from None
 
 
-def configure_coordination(tf_config: dict, silent_peer_seconds: float, rendezvous_seconds: float) -> None:
+def configure_coordination(tf_config: dict, silent_peer_seconds: float) -> None:
     """TensorFlow's coordination service, set up as MultiWorkerMirroredStrategy would, with our timeouts.
 
     The strategy configures the service only when nobody did (collective_all_reduce_strategy.py,
@@ -162,7 +175,8 @@ def configure_coordination(tf_config: dict, silent_peer_seconds: float, rendezvo
     heartbeat every heartbeat_timeout / 2 and gives each that long to arrive
     (coordination_service_agent.cc, StartSendingHeartbeats), so twice our setting lets a peer
     be silent for silent_peer_seconds, as long as a collective waits.
-    cluster_register_timeout bounds TensorFlow's own wait in Connect() (default one hour).
+    cluster_register_timeout bounds TensorFlow's own wait in Connect() (default one hour): every
+    worker answered in wait_for_workers already, so only one that died since is waited for.
     """
     cluster = tf_config["cluster"]
     jobs = [coordination_config_pb2.CoordinatedJob(name=job, num_tasks=len(cluster[job]))
@@ -174,50 +188,60 @@ def configure_coordination(tf_config: dict, silent_peer_seconds: float, rendezvo
     context.context().configure_coordination_service(
         service_type="standalone", service_leader=multi_worker_util.coordination_leader(cluster),
         coordinated_jobs=jobs, heartbeat_timeout_in_ms=int(2000 * silent_peer_seconds),
-        cluster_register_timeout_in_ms=int(1000 * rendezvous_seconds) + 5000)
+        cluster_register_timeout_in_ms=int(1000 * CONNECT_SECONDS))
 
 
-def wait_for_workers(create, tf_config: dict, timeout_seconds: float, report_every: float = REPORT_EVERY_SECONDS):
-    """Runs `create` (which blocks until every worker joined) while saying whom it waits for.
+def wait_for_workers(tf_config: dict, timeout_seconds: float, report_every: float = REPORT_EVERY_SECONDS) -> None:
+    """Returns once every other worker's port answers, saying every few seconds whom it waits for.
 
-    The wait runs in a thread so that this one can report, time out and take SIGTERM: the
-    caller holds SIGTERM blocked (aekit_cli.cmd_train), because TensorFlow installs its own
-    SIGTERM handler before it connects (context_distributed_manager.cc, EnableCollectiveOps:
-    PreemptionNotifier "sigterm"), which would swallow the signal.
+    This runs before TensorFlow connects, because TensorFlow's connect holds the Python lock
+    (no report, no timeout of ours could run) and takes SIGTERM with its own handler
+    (context_distributed_manager.cc, EnableCollectiveOps: PreemptionNotifier "sigterm").
+    Meanwhile this worker's own port listens, so that the others see it arrive; the kernel
+    completes their probes without an accept(). The caller holds SIGTERM blocked
+    (aekit_cli.cmd_train), so a SIGTERM here is taken synchronously and ends the wait.
     """
-    me, outcome = task_of(tf_config), {}
-    thread = threading.Thread(target=_capture, args=(create, outcome), name="aekit-rendezvous", daemon=True)
-    thread.start()
-    started = time.monotonic()
-    next_report = started + min(2.0, report_every)
-    while thread.is_alive():
-        if _sigterm_within(0.5):
-            raise StoppedWhileWaiting(f"{me}: stopped by SIGTERM while waiting for the other workers; "
-                                      "nothing was trained")
-        elapsed = time.monotonic() - started
-        if elapsed >= timeout_seconds:
-            missing = missing_peers(tf_config)
-            raise RendezvousFailed(f"{me}: gave up after {elapsed:.0f}s waiting for {_describe(missing, tf_config)}; "
-                                   "start them (check TF_CONFIG and the network between hosts) or raise "
-                                   "--rendezvous-timeout-seconds")
-        if time.monotonic() >= next_report:
-            print(f"{me}: waiting for {_describe(missing_peers(tf_config), tf_config)} "
-                  f"({elapsed:.0f}s of --rendezvous-timeout-seconds {timeout_seconds:.0f})", flush=True)
-            next_report += report_every
-    if "error" in outcome:
-        error = outcome["error"]
-        detail = error.message if isinstance(error, tf.errors.OpError) else str(error)
-        raise RendezvousFailed(f"{me}: a peer worker failed or is unreachable during start-up "
-                               f"({type(error).__name__}: {detail.splitlines()[0][:200] if detail else ''}); "
-                               "restart the job") from None
-    return outcome["value"]
+    me = task_of(tf_config)
+    with _listening(_own_address(tf_config)):
+        started = time.monotonic()
+        next_report = started + min(2.0, report_every)
+        while missing := missing_peers(tf_config):
+            elapsed = time.monotonic() - started
+            if elapsed >= timeout_seconds:
+                raise RendezvousFailed(f"{me}: gave up after {elapsed:.0f}s waiting for {_describe(missing, tf_config)}; "
+                                       "start them (check TF_CONFIG and the network between hosts) or raise "
+                                       "--rendezvous-timeout-seconds")
+            if time.monotonic() >= next_report:
+                print(f"{me}: waiting for {_describe(missing, tf_config)} "
+                      f"({elapsed:.0f}s of --rendezvous-timeout-seconds {timeout_seconds:.0f})", flush=True)
+                next_report += report_every
+            if _sigterm_within(0.5):
+                raise StoppedWhileWaiting(f"{me}: stopped by SIGTERM while waiting for the other workers; "
+                                          "nothing was trained")
+    print(f"{me}: all {num_workers(tf_config)} workers answer; connecting", flush=True)
 
 
-def _capture(create, outcome: dict) -> None:
+def _own_address(tf_config: dict) -> str:
+    task = tf_config["task"]
+    return tf_config["cluster"][task["type"]][task["index"]]
+
+
+@contextlib.contextmanager
+def _listening(address: str):
+    port = int(address.rpartition(":")[2])
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        outcome["value"] = create()
-    except Exception as e:  # noqa: BLE001 - handed to the waiting thread, which reports it
-        outcome["error"] = e
+        listener.bind(("0.0.0.0", port))
+    except OSError as e:
+        listener.close()
+        raise ConfigError(f"this worker's port {port} (TF_CONFIG {address}) cannot be bound: {e.strerror}; "
+                          "another process holds it, or TF_CONFIG lists the wrong port") from None
+    listener.listen(64)
+    try:
+        yield
+    finally:
+        listener.close()  # before TensorFlow binds the same port
 
 
 def _sigterm_within(seconds: float) -> bool:
