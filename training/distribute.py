@@ -156,7 +156,7 @@ def _multi_worker_strategy(tf_config: dict, collective: str, timeout_seconds: fl
     options = tf.distribute.experimental.CommunicationOptions(
         implementation=implementation, timeout_seconds=timeout_seconds)  # a dead peer fails, not hangs
     wait_for_workers(tf_config, rendezvous_seconds)
-    configure_coordination(tf_config, timeout_seconds)
+    configure_coordination(tf_config, timeout_seconds, min(CONNECT_SECONDS, rendezvous_seconds))
     try:
         return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     except (tf.errors.OpError, RuntimeError) as e:
@@ -166,7 +166,7 @@ def _multi_worker_strategy(tf_config: dict, collective: str, timeout_seconds: fl
                             "restart the job") from None
 
 
-def configure_coordination(tf_config: dict, silent_peer_seconds: float) -> None:
+def configure_coordination(tf_config: dict, silent_peer_seconds: float, connect_seconds: float) -> None:
     """TensorFlow's coordination service, set up as MultiWorkerMirroredStrategy would, with our timeouts.
 
     The strategy configures the service only when nobody did (collective_all_reduce_strategy.py,
@@ -188,7 +188,10 @@ def configure_coordination(tf_config: dict, silent_peer_seconds: float) -> None:
     context.context().configure_coordination_service(
         service_type="standalone", service_leader=multi_worker_util.coordination_leader(cluster),
         coordinated_jobs=jobs, heartbeat_timeout_in_ms=int(2000 * silent_peer_seconds),
-        cluster_register_timeout_in_ms=int(1000 * CONNECT_SECONDS))
+        cluster_register_timeout_in_ms=int(1000 * connect_seconds))
+    # Without the barrier the leader waits for a task that never registers forever, whatever the
+    # timeout says (seen with a peer killed right after it answered); the Python API has no argument.
+    context.context().coordination_service.cluster_register_with_barrier = True
 
 
 def wait_for_workers(tf_config: dict, timeout_seconds: float, report_every: float = REPORT_EVERY_SECONDS) -> None:
