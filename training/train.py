@@ -60,6 +60,11 @@ PEER_FAILURES = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf
                  tf.errors.AbortedError)
 
 
+# What restoring a damaged checkpoint raises: a truncated data file gives IndexError ("Read less
+# bytes than requested", py_checkpoint_reader.py), garbage DataLossError, a missing one NotFoundError.
+UNRESTORABLE = (tf.errors.OpError, ValueError, AssertionError, IndexError)
+
+
 @dataclasses.dataclass
 class TrainState:
     """Everything the loop and the exporter share: strategy, models, optimizer, checkpointing."""
@@ -133,7 +138,7 @@ def restore_newest(checkpoint: tf.train.Checkpoint, directory: str, who: str = "
     for prefix in checkpoint_paths(directory):
         try:
             checkpoint.restore(prefix).assert_existing_objects_matched()
-        except (tf.errors.OpError, ValueError, AssertionError) as e:
+        except UNRESTORABLE as e:
             reason = e.message if isinstance(e, tf.errors.OpError) else str(e)
             failed.append(f"{Path(prefix).name} ({type(e).__name__}: {reason.splitlines()[0][:120]})")
             continue
@@ -158,7 +163,7 @@ def completed_step(cfg: TrainConfig) -> int | None:
             reader = tf.train.load_checkpoint(prefix)
             step = int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE"))
             per_epoch = int(reader.get_tensor("steps_per_epoch/.ATTRIBUTES/VARIABLE_VALUE"))
-        except (tf.errors.OpError, ValueError):
+        except UNRESTORABLE:
             return None  # unreadable or written before steps_per_epoch was saved: build_state decides
         if per_epoch and step >= cfg.epochs * per_epoch:
             return step
