@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 
 
@@ -45,7 +46,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-export", dest="export", action="store_false", default=None)
     p.add_argument("--num-logical-devices", type=int, help="split the CPU into N devices (MirroredStrategy)")
     p.add_argument("--collective", help="multi-worker all-reduce: auto | ring | nccl")
-    p.add_argument("--collective-timeout-seconds", type=float, help="fail, not hang, when a worker dies")
+    p.add_argument("--collective-timeout-seconds", type=float,
+                   help="how long a silent peer (dead, or behind a broken link) is tolerated before the job fails "
+                        "in one line; TensorFlow's heartbeat is set to match (default 300)")
+    p.add_argument("--rendezvous-timeout-seconds", type=float,
+                   help="how long a worker waits for the others to start; it says whom it waits for every 5 s "
+                        "(default 900: pods may start minutes apart)")
     p.add_argument("--checkpoint-every-steps", type=int)
     p.add_argument("--steps-per-loop", type=int, help="training steps per tf.function call")
     p.add_argument("--max-examples", type=int, help="keep only the first N training examples")
@@ -74,6 +80,10 @@ def train_config_from_args(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = train_config_from_args(args)
+    if not args.multiworker_local:
+        # Held until training installs its handler: TensorFlow replaces the SIGTERM handler while
+        # workers meet, and a signal it takes is lost (see training.distribute.wait_for_workers).
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
     if args.multiworker_local:
         from training import multiworker
 
@@ -234,6 +244,11 @@ def _guarded(run) -> int:
         if not hasattr(e, "exit_code"):
             raise
         print(f"aekit: {e}" if e.exit_code == 143 else f"aekit: error: {e}", file=sys.stderr)
+        if getattr(e, "abandon_process", False):
+            # A thread is stuck in TensorFlow's connect call: end now rather than hang in its teardown.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.exit_code)
         return e.exit_code
 
 

@@ -154,3 +154,13 @@ def test_indexed_job_tf_config():
 def test_bad_cluster_settings(call, message):
     with pytest.raises(ConfigError, match=message):
         call()
+
+
+def test_a_worker_killed_by_a_signal_gives_the_shells_status_and_one_line(capsys):
+    # Real processes standing in for workers: the supervisor only sees their exit.
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
+    procs[1].kill()
+    assert multiworker._supervise(procs) == 128 + signal.SIGKILL
+    assert capsys.readouterr().err.strip() == ("aekit: error: worker-1 was killed by SIGKILL (exit status 137); "
+                                               "stopped the others")
+    assert all(p.poll() is not None for p in procs)

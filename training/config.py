@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from pathlib import Path
 
 MODELS = ("dense", "conv")
@@ -40,7 +41,8 @@ class TrainConfig:
     export: bool = True  # export a new version after training
     num_logical_devices: int = 0  # >1 splits the CPU into N devices to try MirroredStrategy here
     collective: str = "auto"  # multi-worker all-reduce: ring on CPU, nccl on GPUs
-    collective_timeout_seconds: float = 300.0  # a dead peer fails the job after this, instead of a hang
+    collective_timeout_seconds: float = 300.0  # how long a silent peer is tolerated (collectives and heartbeat)
+    rendezvous_timeout_seconds: float = 900.0  # how long a worker waits for the others to start (pods minutes apart)
     checkpoint_every_steps: int = 100  # also saved at every epoch end and on SIGTERM
     steps_per_loop: int = 20  # steps per tf.function call: fewer Python round trips; SIGTERM is seen between calls
     anomaly_quantile: float = 0.99  # held-out error quantile used as the anomaly threshold
@@ -48,6 +50,7 @@ class TrainConfig:
     smoke: bool = False  # seconds-long run: 1 epoch on 512 examples
 
     def __post_init__(self) -> None:
+        _check_types(self)  # before the arithmetic below trips over a string
         self.latent_dim = self.latent_dim or DEFAULT_LATENT_DIM.get(self.model, 32)
         if self.smoke:
             self.epochs = min(self.epochs, 1)
@@ -65,6 +68,8 @@ class TrainConfig:
         _check_positive("learning-rate", self.learning_rate)
         _check_positive("checkpoint-every-steps", self.checkpoint_every_steps)
         _check_positive("steps-per-loop", self.steps_per_loop)
+        _check_positive("collective-timeout-seconds", self.collective_timeout_seconds)
+        _check_positive("rendezvous-timeout-seconds", self.rendezvous_timeout_seconds)
         if not 0.0 <= self.noise_factor <= 1.0:
             raise ConfigError(f"--noise-factor must be in [0, 1], got {self.noise_factor}")
         if not 0.5 <= self.anomaly_quantile < 1.0:
@@ -94,6 +99,21 @@ class TrainConfig:
             raise ConfigError(f"config file {path} has unknown keys {unknown}; known: {sorted(known)}")
         values.update(overrides)
         return cls(**values)
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """A value of the wrong JSON type (``"epochs": "10"``) is named here, not deep in TensorFlow."""
+    hints = typing.get_type_hints(type(cfg))
+    for field in dataclasses.fields(cfg):
+        value, expected = getattr(cfg, field.name), hints[field.name]
+        allowed = typing.get_args(expected) or (expected,)  # `str | None` -> (str, NoneType)
+        if float in allowed:
+            allowed += (int,)  # JSON writes 300.0 as 300 when a person types it
+        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed if t is not int or
+                                float not in allowed)
+            raise ConfigError(f"config value {field.name!r} must be {names}, got {value!r} "
+                              f"({type(value).__name__})")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

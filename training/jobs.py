@@ -19,16 +19,50 @@ SAMPLE_IMAGES = 8  # held-out examples used to check the export and to write war
 
 
 def train_job(cfg: TrainConfig) -> dict:
-    """Trains (resuming from cfg.workdir) and, on the chief, exports a new version."""
-    strategy = distribute.make_strategy(cfg.num_logical_devices, cfg.collective, cfg.collective_timeout_seconds)
+    """Trains (resuming from cfg.workdir) and, on the chief, exports a new version.
+
+    A job whose checkpoint already holds every epoch needs no peers: the chief exports, the
+    others exit at once, so a restarted worker never waits for workers that finished.
+    """
+    tf_config = distribute.read_tf_config()
+    done = train.completed_step(cfg)
+    if done is not None:
+        return finished_job(cfg, tf_config, done)
+    strategy = distribute.make_strategy(cfg.num_logical_devices, cfg.collective, cfg.collective_timeout_seconds,
+                                        cfg.rendezvous_timeout_seconds)
     arrays = data.load_arrays(cfg.dataset, cfg.data_dir, cfg.download)
-    state, history = train.train_and_evaluate(cfg, arrays, strategy)
-    result = {"workdir": cfg.workdir, "step": int(state.step.numpy()), "task": distribute.task_name(strategy),
-              "weights_sha256": weights_fingerprint(state), **(history[-1] if history else {})}
-    if cfg.export and state.is_chief:
-        result["export"] = str(export_trained(state, cfg, arrays))
+    with train.StopSignal() as stop:  # from here on a SIGTERM stops the job where it is
+        state, history = train.train_and_evaluate(cfg, arrays, strategy, stop)
+        result = {"workdir": cfg.workdir, "step": int(state.step.numpy()), "task": distribute.task_name(strategy),
+                  "weights_sha256": weights_fingerprint(state), **(history[-1] if history else {})}
+        if cfg.export and state.is_chief:
+            _stop_if_asked(stop, result["step"])
+            result["export"] = str(export_trained(state, cfg, arrays))
+            print(f"exported {result['export']}", flush=True)
+    return result
+
+
+def finished_job(cfg: TrainConfig, tf_config: dict | None, step: int) -> dict:
+    """Training is complete at `step`: export on the chief (export is idempotent per step), else nothing."""
+    task, chief = distribute.task_of(tf_config), distribute.is_chief_task(tf_config)
+    print(f"{task} ({'chief' if chief else 'worker'}): training is already complete at step {step}; "
+          f"{'exporting without the other workers' if chief and cfg.export else 'nothing to do'}", flush=True)
+    result = {"workdir": cfg.workdir, "step": step, "task": task, "complete": True}
+    if chief and cfg.export:
+        arrays = data.load_arrays(cfg.dataset, cfg.data_dir, cfg.download)
+        with train.StopSignal() as stop:
+            state = train.build_state(cfg, arrays.input_shape, tf.distribute.get_strategy())
+            _stop_if_asked(stop, step)
+            result["weights_sha256"] = weights_fingerprint(state)
+            result["export"] = str(export_trained(state, cfg, arrays))
         print(f"exported {result['export']}", flush=True)
     return result
+
+
+def _stop_if_asked(stop: train.StopSignal, step: int) -> None:
+    if stop.requested:
+        raise train.Preempted(f"stopped by SIGTERM before export; the checkpoint at step {step} is saved, "
+                              "rerun to export it")
 
 
 def weights_fingerprint(state: train.TrainState) -> str:
