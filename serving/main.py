@@ -32,6 +32,7 @@ from serving.grpc_server import GrpcServer
 from serving.manager import ModelManager
 from serving.metrics import ServerMetrics
 from serving.rest_server import RestApi, RestServer
+from storage import paths
 
 log = logging.getLogger("aekit.serve")
 TF_SERVING_BINARY = "tensorflow_model_server"
@@ -133,8 +134,13 @@ def channel_options(cfg: ServerConfig) -> list[tuple]:
 def model_server_config(cfg: ServerConfig):
     if cfg.model_config_file:
         return config_files.parse_text(cfg.model_config_file, config_files.ModelServerConfig)
-    base = Path(cfg.model_base_path)
-    return config_files.single_model_config(cfg.model_name, str(base.resolve()))
+    base = cfg.model_base_path
+    try:
+        paths.check(base, "--model_base_path")
+    except paths.PathError as e:
+        raise config_files.ConfigFileError(str(e)) from None
+    # Local paths are made absolute as TF Serving logs them; a URL (gs://, ram://) is kept as given.
+    return config_files.single_model_config(cfg.model_name, os.path.abspath(base) if paths.is_local(base) else base)
 
 
 def server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:

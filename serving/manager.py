@@ -14,10 +14,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.config import model_server_config_pb2
+
+from storage import paths
 
 from serving.errors import (
     ServingError,
@@ -48,10 +49,8 @@ class ModelEntry:
 
 
 def versions_on_disk(base_path: str) -> list[int]:
-    base = Path(base_path)
-    if not base.is_dir():
-        return []
-    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit())
+    """Numeric children of the base path, on any tf.io.gfile filesystem (local, gs://, ram://)."""
+    return sorted(paths.version_folders(base_path))
 
 
 def aspired_versions(policy,
@@ -86,7 +85,7 @@ def check_model_config(config: model_server_config_pb2.ModelServerConfig) -> Non
 class ModelManager:
     """Holds the model set; `resolve` finds the servable for a request."""
 
-    def __init__(self, loader: Callable[[str, int, Path], Servable] = Servable,
+    def __init__(self, loader: Callable[[str, int, str], Servable] = Servable,
                  warmup: Callable[[Servable], int] | None = None,
                  on_event: Callable[[str, str, int], None] | None = None):
         self._loader, self.warmup = loader, warmup
@@ -170,7 +169,7 @@ class ModelManager:
         state = VersionState(version, State.LOADING)
         with self._lock:
             entry.versions[version] = state
-        path = Path(entry.config.base_path) / _version_folder(entry.config.base_path, version)
+        path = paths.join(entry.config.base_path, _version_folder(entry.config.base_path, version))
         started = time.monotonic()
         try:
             servable = self._loader(name, version, path)
@@ -275,7 +274,4 @@ class ModelManager:
 
 def _version_folder(base_path: str, version: int) -> str:
     """The folder name for `version` ('00000123' and '123' are both version 123)."""
-    for p in Path(base_path).iterdir():
-        if p.is_dir() and p.name.isdigit() and int(p.name) == version:
-            return p.name
-    return str(version)
+    return paths.version_folders(base_path).get(version, str(version))

@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import signal
 import sys
 import threading
-from pathlib import Path
 
 import keras
 import tensorflow as tf
 from tqdm import tqdm
 
-from training import data, distribute, models
+from storage import paths
+from training import data, distribute, evaluate, models
 from training.config import TrainConfig
-from training.evaluate import reconstruction_metrics
 
 
 class Preempted(RuntimeError):
@@ -81,7 +79,7 @@ def build_state(cfg: TrainConfig, input_shape, strategy: tf.distribute.Strategy)
     chief = distribute.is_chief(strategy)
     manager = tf.train.CheckpointManager(checkpoint, _checkpoint_dir(cfg.workdir, strategy, chief),
                                          max_to_keep=3)
-    latest = tf.train.latest_checkpoint(Path(cfg.workdir) / "checkpoints")
+    latest = tf.train.latest_checkpoint(paths.join(cfg.workdir, "checkpoints"))
     if latest:
         checkpoint.restore(latest).assert_existing_objects_matched()
     return TrainState(strategy, encoder, decoder, autoencoder, optimizer, step, checkpoint, manager, chief)
@@ -91,14 +89,14 @@ def _checkpoint_dir(workdir: str, strategy: tf.distribute.Strategy, chief: bool)
     # Every worker must take part in a save (it may all-reduce), but only the chief's copy is
     # kept: the others write to a scratch folder that save_checkpoint deletes.
     if chief:
-        return str(Path(workdir) / "checkpoints")
-    return str(Path(workdir) / f".scratch-{distribute.task_name(strategy)}")
+        return paths.join(workdir, "checkpoints")
+    return paths.join(workdir, f".scratch-{distribute.task_name(strategy)}")
 
 
 def save_checkpoint(state: TrainState) -> None:
     state.manager.save(checkpoint_number=int(state.step.numpy()))
     if not state.is_chief:
-        shutil.rmtree(state.manager.directory, ignore_errors=True)
+        paths.remove_tree(state.manager.directory)
 
 
 def make_train_step(state: TrainState, loss_kind: str, global_batch: int):
@@ -154,7 +152,7 @@ class StopSignal:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(cfg: TrainConfig, arrays: data.Arrays | None = None,
+def train_and_evaluate(cfg: TrainConfig, source: data.Source | data.Arrays | None = None,
                        strategy: tf.distribute.Strategy | None = None,
                        stop: StopSignal | None = None) -> tuple[TrainState, list[dict]]:
     """Trains to cfg.epochs (resuming from cfg.workdir), evaluating after each epoch.
@@ -162,24 +160,23 @@ def train_and_evaluate(cfg: TrainConfig, arrays: data.Arrays | None = None,
     Raises Preempted, after saving a checkpoint, when SIGTERM arrives (or `stop` says so).
     """
     strategy = strategy or distribute.make_strategy(cfg.num_logical_devices, cfg.collective, cfg.collective_timeout_seconds)
-    arrays = arrays or data.load_arrays(cfg.dataset, cfg.data_dir, cfg.download)
-    x_train = arrays.x_train[: cfg.max_examples] if cfg.max_examples else arrays.x_train
-    steps = data.steps_per_epoch(len(x_train), cfg.batch_size)
-    state = build_state(cfg, arrays.input_shape, strategy)
+    source = _as_source(source, cfg)
+    train_split = data.limit(source.train, cfg.max_examples)
+    steps = data.steps_per_epoch(train_split.count, cfg.batch_size)
+    state = build_state(cfg, source.input_shape, strategy)
     if state.is_chief:
         cfg.save(cfg.workdir)
     train_step = make_train_step(state, cfg.loss, cfg.batch_size)
     history = _read_history(cfg.workdir)
-    writer = (tf.summary.create_file_writer(str(Path(cfg.workdir) / "tensorboard")) if state.is_chief
+    writer = (tf.summary.create_file_writer(paths.join(cfg.workdir, "tensorboard")) if state.is_chief
               else tf.summary.create_noop_writer())
-    _log(state, f"training {cfg.model} on {cfg.dataset}: {len(x_train)} examples, {steps} steps/epoch, "
+    _log(state, f"training {cfg.model} on {cfg.dataset}: {train_split.count} examples, {steps} steps/epoch, "
                 f"{strategy.num_replicas_in_sync} replica(s), resuming at step {int(state.step.numpy())}")
     with stop or StopSignal() as stop, writer.as_default():
         while int(state.step.numpy()) < cfg.epochs * steps:
             epoch = int(state.step.numpy()) // steps
-            loss, stopped = _run_epoch(cfg, state, train_step, x_train, epoch, steps, stop)
-            metrics = reconstruction_metrics(lambda x: state.autoencoder(x, training=False),
-                                             arrays.x_test, cfg.noise_factor)
+            loss, stopped = _run_epoch(cfg, state, train_step, train_split, epoch, steps, stop)
+            metrics = _held_out_metrics(cfg, state, source.test)
             record = {"epoch": epoch + 1, "step": int(state.step.numpy()), "loss": loss, **metrics}
             history.append(record)
             _write_epoch(state, cfg.workdir, record, history)
@@ -188,11 +185,28 @@ def train_and_evaluate(cfg: TrainConfig, arrays: data.Arrays | None = None,
     return state, history
 
 
-def _run_epoch(cfg, state: TrainState, train_steps, x_train, epoch: int, steps: int, stop) -> tuple[float, bool]:
+def _as_source(source: data.Source | data.Arrays | None, cfg: TrainConfig) -> data.Source:
+    if isinstance(source, data.Arrays):
+        return source.source(cfg.dataset)
+    return source or data.load_source(cfg.dataset, cfg.data_dir, cfg.download)
+
+
+def _held_out_metrics(cfg: TrainConfig, state: TrainState, test: data.Split) -> dict:
+    """Each worker scores its own part of the test split; the sums are all-reduced, so every
+    worker gets the whole split's metrics for 1/N of the work."""
+    part = distribute.worker_part(state.strategy)
+    sums = evaluate.reconstruction_sums(lambda x: state.autoencoder(x, training=False), test,
+                                        cfg.noise_factor, part)
+    return evaluate.metrics_from_sums(distribute.sum_over_workers(state.strategy, sums), cfg.noise_factor)
+
+
+def _run_epoch(cfg, state: TrainState, train_steps, train_split: data.Split, epoch: int, steps: int,
+               stop) -> tuple[float, bool]:
     done = int(state.step.numpy()) - epoch * steps  # > 0 when resuming mid-epoch
     dataset = state.strategy.distribute_datasets_from_function(
-        lambda ctx: data.make_dataset(x_train, cfg.batch_size, noise_factor=cfg.noise_factor,
-                                      seed=cfg.seed + epoch, input_context=ctx, skip_batches=done))
+        lambda ctx: data.make_dataset(train_split, cfg.batch_size, noise_factor=cfg.noise_factor,
+                                      seed=cfg.seed + epoch, input_context=ctx, skip_batches=done,
+                                      input_groups=cfg.input_groups))
     iterator = iter(dataset)
     total, count = 0.0, 0
     bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
@@ -204,7 +218,7 @@ def _run_epoch(cfg, state: TrainState, train_steps, x_train, epoch: int, steps: 
         try:
             loss, votes = train_steps(iterator, tf.constant(1.0 if stop.requested else 0.0), tf.constant(chunk))
         except PEER_FAILURES as e:
-            last = tf.train.latest_checkpoint(str(Path(cfg.workdir) / "checkpoints")) or "none yet"
+            last = tf.train.latest_checkpoint(paths.join(cfg.workdir, "checkpoints")) or "none yet"
             raise WorkerLost(f"{distribute.task_name(state.strategy)}: a peer worker failed or is unreachable "
                              f"after step {step} ({type(e).__name__}: {e.message.splitlines()[0][:200]}); "
                              f"restart the job to resume from the last checkpoint ({last})") from None
@@ -230,12 +244,12 @@ def _write_epoch(state: TrainState, workdir: str, record: dict, history: list[di
     for key, value in record.items():
         if isinstance(value, float):
             tf.summary.scalar(key, value, step=record["step"])
-    (Path(workdir) / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    paths.write_text(paths.join(workdir, "history.json"), json.dumps(history, indent=1) + "\n")
 
 
 def _read_history(workdir: str) -> list[dict]:
-    path = Path(workdir) / "history.json"
-    return json.loads(path.read_text()) if path.is_file() else []
+    path = paths.join(workdir, "history.json")
+    return json.loads(paths.read_text(path)) if paths.exists(path) else []
 
 
 def _log(state: TrainState, message: str) -> None:
