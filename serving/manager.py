@@ -18,8 +18,6 @@ from collections.abc import Callable
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from storage import paths
-
 from serving.errors import (
     ServingError,
     failed_precondition,
@@ -28,6 +26,7 @@ from serving.errors import (
     unavailable,
 )
 from serving.servable import Servable
+from storage import paths
 
 log = logging.getLogger(__name__)
 State = get_model_status_pb2.ModelVersionStatus.State

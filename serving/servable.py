@@ -9,8 +9,8 @@ Signatures come from saved_model.pb itself, so metadata is exactly what TF Servi
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 import posixpath
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
