@@ -2,6 +2,7 @@
 
     aekit train --dataset mnist-sample --model conv --epochs 10 --num-logical-devices 2
     aekit export --workdir runs/ae --model-base-path models/autoencoder
+    aekit data convert --dataset ./images --output gs://bucket/data/images --shards 32
     aekit evaluate --model-base-path models/autoencoder --dataset mnist-sample --json
     aekit serve --port=8500 --rest_api_port=8501 --model_name=autoencoder --model_base_path=$PWD/models/autoencoder
     aekit client denoise --server localhost:8500 --model autoencoder --input x.npy --output y.npy
@@ -30,7 +31,8 @@ class UserError(Exception):
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     # default=None everywhere: only flags the user gave override --config and the config defaults.
     p.add_argument("--config", help="JSON config file (as written to WORKDIR/config.json)")
-    p.add_argument("--dataset", help="mnist-sample | tfds:NAME | npz:PATH | DIR of images | PATH.npy")
+    p.add_argument("--dataset", help="mnist-sample | npz:PATH | DIR of images | PATH.npy | tfrecord:DIR_OR_GLOB "
+                                     "| tfds:NAME (paths local, gs:// or ram://)")
     p.add_argument("--data-dir", help="tensorflow-datasets data_dir")
     p.add_argument("--download", action="store_true", default=None, help="let tfds download (needs network)")
     p.add_argument("--model", help="dense | conv")
@@ -55,6 +57,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every-steps", type=int)
     p.add_argument("--steps-per-loop", type=int, help="training steps per tf.function call")
     p.add_argument("--max-examples", type=int, help="keep only the first N training examples")
+    p.add_argument("--input-groups", type=int, help="streamed data: file sets per global batch (0: one per worker)")
+    p.add_argument("--force-export", action="store_true", default=None,
+                   help="export even if this training step is already exported")
     p.add_argument("--smoke", action="store_true", default=None, help="a seconds-long run")
     p.add_argument("--multiworker-local", type=int, metavar="N",
                    help="run N local worker processes with MultiWorkerMirroredStrategy")
@@ -102,7 +107,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from training import jobs
 
-    print(f"exported {jobs.export_job(args.workdir, args.model_base_path)}")
+    version_dir, created = jobs.export_job(args.workdir, args.model_base_path, args.force)
+    print(f"exported {version_dir}" if created else f"already exported as {version_dir} (--force to export again)")
+    return 0
+
+
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from training import convert
+
+    metadata = convert.convert(args.dataset, args.output, args.shards, args.data_dir, args.download)
+    counts = {name: split["count"] for name, split in metadata["splits"].items()}
+    print(json.dumps({"output": args.output, "shape": metadata["shape"], "dtype": metadata["dtype"], **counts}))
     return 0
 
 
@@ -173,7 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export the latest checkpoint of a workdir")
     p.add_argument("--workdir", required=True)
     p.add_argument("--model-base-path", help="default: the one in WORKDIR/config.json")
+    p.add_argument("--force", action="store_true", help="export even if this training step is already exported")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("data", help="prepare data: `aekit data convert` writes TFRecord shards")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    c = data_sub.add_parser("convert", help="write any source as train/test TFRecord shards + metadata.json")
+    c.add_argument("--dataset", required=True, help="any source `aekit train --dataset` reads")
+    c.add_argument("--output", required=True, help="a folder: local, gs:// or ram://")
+    c.add_argument("--shards", type=int, default=8, help="train shards (test gets a quarter); at least the worker count")
+    c.add_argument("--data-dir", help="tensorflow-datasets data_dir")
+    c.add_argument("--download", action="store_true", help="let tfds download (needs network)")
+    c.set_defaults(func=cmd_data_convert)
 
     p = sub.add_parser("evaluate", help="score the latest exported version on a test split")
     p.add_argument("--model-base-path", required=True)

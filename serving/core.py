@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import posixpath
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -254,12 +254,12 @@ class DataPlane:
     # ---- Warmup -----------------------------------------------------------------------
     def warmup(self, servable: Servable) -> int:
         """Replays assets.extra/tf_serving_warmup_requests on a version before it is served."""
-        path = Path(servable.path) / WARMUP_FILE
-        if not path.is_file():
+        path = posixpath.join(servable.path, WARMUP_FILE)  # a gfile path (gs://, ram://): never pathlib
+        if not tf.io.gfile.exists(path):
             return 0
         count, started, status = 0, time.perf_counter(), "INTERNAL"
         try:
-            for record in tf.data.TFRecordDataset(str(path)).take(MAX_WARMUP_RECORDS):
+            for record in tf.data.TFRecordDataset(path).take(MAX_WARMUP_RECORDS):
                 log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
                 self._replay(servable, log)
                 count += 1

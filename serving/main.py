@@ -36,6 +36,7 @@ from serving.manager import ModelManager, check_model_config
 from serving.metrics import ServerMetrics
 from serving.rest_server import RestApi, RestServer
 from serving.servable import Servable
+from storage import paths
 
 log = logging.getLogger("aekit.serve")
 TF_SERVING_BINARY = "tensorflow_model_server"
@@ -224,7 +225,13 @@ def model_server_config(cfg: ServerConfig):
     if cfg.model_config_file:
         config = config_files.parse_text(cfg.model_config_file, config_files.ModelServerConfig)
     else:
-        config = config_files.single_model_config(cfg.model_name, str(Path(cfg.model_base_path).resolve()))
+        base = cfg.model_base_path
+        try:
+            paths.check(base, "--model_base_path")
+        except paths.PathError as e:
+            raise config_files.ConfigFileError(str(e)) from None
+        # Local paths are made absolute as TF Serving logs them; a URL (gs://, ram://) is kept as given.
+        config = config_files.single_model_config(cfg.model_name, os.path.abspath(base) if paths.is_local(base) else base)
     try:
         check_model_config(config)  # duplicate names, a missing base_path: one line, not a traceback
     except ServingError as e:

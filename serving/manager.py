@@ -17,7 +17,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import tensorflow as tf
 from tensorflow_serving.apis import get_model_status_pb2
@@ -31,6 +30,7 @@ from serving.errors import (
     unavailable,
 )
 from serving.servable import Servable
+from storage import paths
 
 log = logging.getLogger(__name__)
 State = get_model_status_pb2.ModelVersionStatus.State
@@ -55,10 +55,8 @@ class ModelEntry:
 
 
 def versions_on_disk(base_path: str) -> list[int]:
-    base = Path(base_path)
-    if not base.is_dir():
-        return []
-    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit())
+    """Numeric children of the base path, on any tf.io.gfile filesystem (local, gs://, ram://)."""
+    return sorted(paths.version_folders(base_path))
 
 
 def aspired_versions(policy,
@@ -105,7 +103,7 @@ def _check_labels(entries, aspired: dict[str, set[int]]) -> None:
 class ModelManager:
     """Holds the model set; `resolve` finds the servable for a request."""
 
-    def __init__(self, loader: Callable[[str, int, Path], Servable] = Servable,
+    def __init__(self, loader: Callable[[str, int, str], Servable] = Servable,
                  warmup: Callable[[Servable], int] | None = None,
                  on_event: Callable[[str, str, int], None] | None = None,
                  max_load_retries: int = 5, load_retry_interval: float = 60.0):
@@ -233,8 +231,8 @@ class ModelManager:
         folder = self._version_path(entry, known.version)
         return files_stamp(str(folder)) != known.files
 
-    def _version_path(self, entry: ModelEntry, version: int) -> Path:
-        return Path(entry.config.base_path) / _version_folder(entry.config.base_path, version)
+    def _version_path(self, entry: ModelEntry, version: int) -> str:
+        return paths.join(entry.config.base_path, _version_folder(entry.config.base_path, version))
 
     def _load(self, entry: ModelEntry, version: int) -> None:
         name = entry.config.name
@@ -258,7 +256,7 @@ class ModelManager:
                  time.monotonic() - started)
         self.on_event("load", name, version)
 
-    def _failed(self, entry: ModelEntry, state: VersionState, path: Path, message: str) -> None:
+    def _failed(self, entry: ModelEntry, state: VersionState, path: str, message: str) -> None:
         """As TF Serving's LoaderHarness::Load: the version stays LOADING while it has retries
         left (one every load_retry_interval), then ends with the error in its status."""
         name, version = entry.config.name, state.version
@@ -400,7 +398,4 @@ def _file_signature(path: str) -> tuple:
 
 def _version_folder(base_path: str, version: int) -> str:
     """The folder name for `version` ('00000123' and '123' are both version 123)."""
-    for p in Path(base_path).iterdir():
-        if p.is_dir() and p.name.isdigit() and int(p.name) == version:
-            return p.name
-    return str(version)
+    return paths.version_folders(base_path).get(version, str(version))

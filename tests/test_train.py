@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -125,7 +126,7 @@ def test_bad_config_values(overrides, message):
 
 def test_config_file_roundtrip_and_errors(tmp_path):
     cfg = TrainConfig(epochs=3, smoke=True)
-    path = cfg.save(tmp_path)
+    path = pathlib.Path(cfg.save(str(tmp_path)))
     assert TrainConfig.from_file(path, seed=5).epochs == 1 and TrainConfig.from_file(path, seed=5).seed == 5
     path.write_text('{"epochz": 3}')
     with pytest.raises(ConfigError, match="unknown keys"):

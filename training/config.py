@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
-from pathlib import Path
+
+from storage import paths
 
 MODELS = ("dense", "conv")
 LOSSES = ("bce", "mse")
@@ -25,8 +26,8 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class TrainConfig:
-    dataset: str = "mnist-sample"  # mnist-sample | tfds:NAME | npz:PATH | a folder of images | PATH.npy
-    data_dir: str | None = None  # tensorflow-datasets data_dir (tfds:NAME only)
+    dataset: str = "mnist-sample"  # mnist-sample | npz:PATH | a folder of images | PATH.npy | tfrecord:DIR_OR_GLOB | tfds:NAME
+    data_dir: str | None = None  # tensorflow-datasets data_dir (tfds:NAME only); local, gs:// or ram://
     download: bool = False  # tfds may download; off so a dead network never hangs a run
     model: str = "conv"  # dense (the seed blog's MLP) | conv (strided Conv2D / Conv2DTranspose)
     latent_dim: int = 0  # size of the code; 0 = the model's default (dense 32 as in the seed blog, conv 128)
@@ -47,6 +48,9 @@ class TrainConfig:
     steps_per_loop: int = 20  # steps per tf.function call: fewer Python round trips; SIGTERM is seen between calls
     anomaly_quantile: float = 0.99  # held-out error quantile used as the anomaly threshold
     max_examples: int = 0  # >0 keeps only the first N training examples (smoke runs, tests)
+    input_groups: int = 0  # streamed sources: each global batch comes from this many disjoint file sets;
+    #                        0 = one per worker. Fix it (e.g. to 4) for the same batches on 1, 2 or 4 workers
+    force_export: bool = False  # export even when a version of this training step already exists
     smoke: bool = False  # seconds-long run: 1 epoch on 512 examples
 
     def __post_init__(self) -> None:
@@ -70,6 +74,8 @@ class TrainConfig:
         _check_positive("steps-per-loop", self.steps_per_loop)
         _check_positive("collective-timeout-seconds", self.collective_timeout_seconds)
         _check_positive("rendezvous-timeout-seconds", self.rendezvous_timeout_seconds)
+        if self.input_groups < 0:
+            raise ConfigError("--input-groups must be 0 (one per worker) or a positive count")
         if not 0.0 <= self.noise_factor <= 1.0:
             raise ConfigError(f"--noise-factor must be in [0, 1], got {self.noise_factor}")
         if not 0.5 <= self.anomaly_quantile < 1.0:
@@ -77,20 +83,19 @@ class TrainConfig:
         if self.num_logical_devices < 0:
             raise ConfigError("--num-logical-devices must be 0 (off) or a positive count")
 
-    def save(self, workdir: str | Path) -> Path:
-        path = Path(workdir) / "config.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+    def save(self, workdir: str) -> str:
+        path = paths.join(paths.makedirs(workdir), "config.json")
+        paths.write_text(path, json.dumps(dataclasses.asdict(self), indent=2) + "\n")
         return path
 
     @classmethod
-    def from_file(cls, path: str | Path, **overrides) -> TrainConfig:
+    def from_file(cls, path: str, **overrides) -> TrainConfig:
         """Reads a JSON config (as written by `save`); `overrides` win over the file."""
-        path = Path(path)
-        if not path.is_file():
+        path = paths.check(path, "--config")
+        if not paths.exists(path):
             raise ConfigError(f"config file {path} does not exist")
         try:
-            values = json.loads(path.read_text())
+            values = json.loads(paths.read_text(path))
         except json.JSONDecodeError as e:
             raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
         known = {f.name for f in dataclasses.fields(cls)}

@@ -320,3 +320,28 @@ def indexed_job_tf_config(index: int, num_workers: int, host_pattern: str, port:
         raise ConfigError(f"JOB_COMPLETION_INDEX is {index}, outside 0..{num_workers - 1} (--num-workers)")
     hosts = [f"{host_pattern.format(index=i)}:{port}" for i in range(num_workers)]
     return {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}
+
+
+def worker_part(strategy: tf.distribute.Strategy) -> tuple[int, int]:
+    """(this worker's index, number of workers): chief first, then the workers in order."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return 0, 1
+    cluster = resolver.cluster_spec().as_dict()
+    tasks = [("chief", i) for i in range(len(cluster.get("chief", [])))] + \
+            [("worker", i) for i in range(len(cluster.get("worker", [])))]
+    return tasks.index((resolver.task_type, resolver.task_id)), len(tasks)
+
+
+def sum_over_workers(strategy: tf.distribute.Strategy, values) -> tf.Tensor:
+    """Sums a float vector over workers with the strategy's collectives (all workers must call)."""
+    if worker_part(strategy)[1] == 1:
+        return tf.constant(values, tf.float64)
+    local_replicas = len(strategy.extended.worker_devices)  # each replica holds this worker's copy
+
+    @tf.function
+    def all_reduce(vector):
+        per_replica = strategy.run(lambda v: v / local_replicas, args=(vector,))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    return all_reduce(tf.constant(values, tf.float64))

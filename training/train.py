@@ -15,20 +15,18 @@ import contextlib
 import dataclasses
 import json
 import re
-import shutil
 import signal
 import sys
 import threading
-from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from training import data, distribute, models
+from storage import paths
+from training import data, distribute, evaluate, models
 from training.config import ConfigError, TrainConfig
-from training.evaluate import reconstruction_metrics
 
 
 class Preempted(RuntimeError):
@@ -107,11 +105,15 @@ def build_state(cfg: TrainConfig, input_shape, strategy: tf.distribute.Strategy,
     chief = distribute.is_chief(strategy)
     manager = tf.train.CheckpointManager(checkpoint, _checkpoint_dir(cfg.workdir, strategy, chief),
                                          max_to_keep=3)
-    restore_newest(checkpoint, f"{cfg.workdir}/checkpoints", distribute.task_name(strategy))
+    restore_newest(checkpoint, paths.join(cfg.workdir, "checkpoints"), distribute.task_name(strategy))
     if steps_per_epoch:
         epoch_steps.assign(steps_per_epoch)
     return TrainState(strategy, encoder, decoder, autoencoder, optimizer, step, epoch_loss_sum, checkpoint,
                       manager, chief)
+
+
+def _basename(prefix: str) -> str:
+    return prefix.rstrip("/").rsplit("/", 1)[-1]
 
 
 def checkpoint_paths(directory: str) -> list[str]:
@@ -140,10 +142,10 @@ def restore_newest(checkpoint: tf.train.Checkpoint, directory: str, who: str = "
             checkpoint.restore(prefix).assert_existing_objects_matched()
         except UNRESTORABLE as e:
             reason = e.message if isinstance(e, tf.errors.OpError) else str(e)
-            failed.append(f"{Path(prefix).name} ({type(e).__name__}: {reason.splitlines()[0][:120]})")
+            failed.append(f"{_basename(prefix)} ({type(e).__name__}: {reason.splitlines()[0][:120]})")
             continue
         if failed:
-            print(f"{who}: restored {Path(prefix).name}, the newest checkpoint that restores; "
+            print(f"{who}: restored {_basename(prefix)}, the newest checkpoint that restores; "
                   f"skipped {'; '.join(failed)}", flush=True)
         return prefix
     if failed:
@@ -158,7 +160,7 @@ def completed_step(cfg: TrainConfig) -> int | None:
     Reads the files only (no model, no data, no TensorFlow context), so a worker of a finished
     job knows it before it would wait for peers that already exited.
     """
-    for prefix in checkpoint_paths(f"{cfg.workdir}/checkpoints")[:1]:
+    for prefix in checkpoint_paths(paths.join(cfg.workdir, "checkpoints"))[:1]:
         try:
             reader = tf.train.load_checkpoint(prefix)
             step = int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE"))
@@ -174,14 +176,14 @@ def _checkpoint_dir(workdir: str, strategy: tf.distribute.Strategy, chief: bool)
     # Every worker must take part in a save (it may all-reduce), but only the chief's copy is
     # kept: the others write to a scratch folder that save_checkpoint deletes.
     if chief:
-        return str(Path(workdir) / "checkpoints")
-    return str(Path(workdir) / f".scratch-{distribute.task_name(strategy)}")
+        return paths.join(workdir, "checkpoints")
+    return paths.join(workdir, f".scratch-{distribute.task_name(strategy)}")
 
 
 def save_checkpoint(state: TrainState) -> None:
     state.manager.save(checkpoint_number=int(state.step.numpy()))
     if not state.is_chief:
-        shutil.rmtree(state.manager.directory, ignore_errors=True)
+        paths.remove_tree(state.manager.directory)
 
 
 def make_train_step(state: TrainState, loss_kind: str, global_batch: int):
@@ -240,7 +242,7 @@ class StopSignal:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(cfg: TrainConfig, arrays: data.Arrays | None = None,
+def train_and_evaluate(cfg: TrainConfig, source: data.Source | data.Arrays | None = None,
                        strategy: tf.distribute.Strategy | None = None,
                        stop: StopSignal | None = None) -> tuple[TrainState, list[dict]]:
     """Trains to cfg.epochs (resuming from cfg.workdir), evaluating after each epoch.
@@ -250,14 +252,14 @@ def train_and_evaluate(cfg: TrainConfig, arrays: data.Arrays | None = None,
     """
     strategy = strategy or distribute.make_strategy(cfg.num_logical_devices, cfg.collective,
                                                     cfg.collective_timeout_seconds, cfg.rendezvous_timeout_seconds)
-    arrays = arrays or data.load_arrays(cfg.dataset, cfg.data_dir, cfg.download)
-    x_train = arrays.x_train[: cfg.max_examples] if cfg.max_examples else arrays.x_train
-    steps = data.steps_per_epoch(len(x_train), cfg.batch_size)
+    source = _as_source(source, cfg)
+    train_split = data.limit(source.train, cfg.max_examples)
+    steps = data.steps_per_epoch(train_split.count, cfg.batch_size)
     check_batch_fits(cfg.batch_size, strategy)  # before anything is written to the workdir
     with contextlib.nullcontext(stop) if stop else StopSignal() as stop, _peers_required(strategy, cfg.workdir):
-        state = build_state(cfg, arrays.input_shape, strategy, steps)
+        state = build_state(cfg, source.input_shape, strategy, steps)
         agree_on_start(state, stop)
-        return state, _train_epochs(cfg, state, arrays, x_train, steps, stop)
+        return state, _train_epochs(cfg, state, source, train_split, steps, stop)
 
 
 def check_batch_fits(batch_size: int, strategy: tf.distribute.Strategy) -> None:
@@ -273,7 +275,7 @@ def _peers_required(strategy: tf.distribute.Strategy, workdir: str):
     try:
         yield
     except PEER_FAILURES as e:
-        last = checkpoint_paths(f"{workdir}/checkpoints")[:1] or ["none yet"]
+        last = checkpoint_paths(paths.join(workdir, "checkpoints"))[:1] or ["none yet"]
         raise WorkerLost(f"{distribute.task_name(strategy)}: a peer worker failed or is unreachable "
                          f"({type(e).__name__}: {e.message.splitlines()[0][:200]}); "
                          f"restart the job to resume from the last checkpoint ({last[0]})") from None
@@ -291,7 +293,7 @@ def agree_on_start(state: TrainState, stop) -> None:
     reports[workers.index(distribute.task_name(state.strategy))] = mine
     reports[-1] = 1.0 if stop.requested else 0.0
     if len(workers) > 1:
-        reports = _sum_over_workers(state.strategy, reports)
+        reports = distribute.sum_over_workers(state.strategy, reports).numpy()
     steps = dict(zip(workers, reports[:-1].astype(int)))
     if len(set(steps.values())) > 1:
         said = ", ".join(f"{w} at step {s}" for w, s in steps.items())
@@ -303,30 +305,23 @@ def agree_on_start(state: TrainState, stop) -> None:
     print(f"{distribute.task_name(state.strategy)} ({role}): resuming at step {mine}", flush=True)
 
 
-def _sum_over_workers(strategy: tf.distribute.Strategy, values: np.ndarray) -> np.ndarray:
-    local_replicas = strategy.num_replicas_in_sync // len(distribute.worker_ids(strategy))
-    per_replica = strategy.run(tf.function(lambda: tf.constant(values, tf.float64)))
-    total = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-    return total.numpy() / local_replicas  # every local replica sent the same vector
-
-
-def _train_epochs(cfg: TrainConfig, state: TrainState, arrays, x_train, steps: int, stop) -> list[dict]:
+def _train_epochs(cfg: TrainConfig, state: TrainState, source: data.Source, train_split: data.Split,
+                  steps: int, stop) -> list[dict]:
     strategy = state.strategy
     if state.is_chief:
         cfg.save(cfg.workdir)
     train_step = make_train_step(state, cfg.loss, cfg.batch_size)
     # Records past the restored step came from a checkpoint that did not restore: they are redone.
     history = [h for h in _read_history(cfg.workdir) if h["step"] <= int(state.step.numpy())]
-    writer = (tf.summary.create_file_writer(str(Path(cfg.workdir) / "tensorboard")) if state.is_chief
+    writer = (tf.summary.create_file_writer(paths.join(cfg.workdir, "tensorboard")) if state.is_chief
               else tf.summary.create_noop_writer())
-    _log(state, f"training {cfg.model} on {cfg.dataset}: {len(x_train)} examples, {steps} steps/epoch, "
+    _log(state, f"training {cfg.model} on {cfg.dataset}: {train_split.count} examples, {steps} steps/epoch, "
                 f"{strategy.num_replicas_in_sync} replica(s)")
     with writer.as_default():
         while int(state.step.numpy()) < cfg.epochs * steps:
             epoch = int(state.step.numpy()) // steps
-            loss, stopped = _run_epoch(cfg, state, train_step, x_train, epoch, steps, stop)
-            metrics = reconstruction_metrics(lambda x: state.autoencoder(x, training=False),
-                                             arrays.x_test, cfg.noise_factor)
+            loss, stopped = _run_epoch(cfg, state, train_step, train_split, epoch, steps, stop)
+            metrics = _held_out_metrics(cfg, state, source.test)
             record = {"epoch": epoch + 1, "step": int(state.step.numpy()), "loss": loss, **metrics}
             history.append(record)
             _write_epoch(state, cfg.workdir, record, history)
@@ -335,11 +330,28 @@ def _train_epochs(cfg: TrainConfig, state: TrainState, arrays, x_train, steps: i
     return history
 
 
-def _run_epoch(cfg, state: TrainState, train_steps, x_train, epoch: int, steps: int, stop) -> tuple[float, bool]:
+def _as_source(source: data.Source | data.Arrays | None, cfg: TrainConfig) -> data.Source:
+    if isinstance(source, data.Arrays):
+        return source.source(cfg.dataset)
+    return source or data.load_source(cfg.dataset, cfg.data_dir, cfg.download)
+
+
+def _held_out_metrics(cfg: TrainConfig, state: TrainState, test: data.Split) -> dict:
+    """Each worker scores its own part of the test split; the sums are all-reduced, so every
+    worker gets the whole split's metrics for 1/N of the work."""
+    part = distribute.worker_part(state.strategy)
+    sums = evaluate.reconstruction_sums(lambda x: state.autoencoder(x, training=False), test,
+                                        cfg.noise_factor, part)
+    return evaluate.metrics_from_sums(distribute.sum_over_workers(state.strategy, sums), cfg.noise_factor)
+
+
+def _run_epoch(cfg, state: TrainState, train_steps, train_split: data.Split, epoch: int, steps: int,
+               stop) -> tuple[float, bool]:
     done = int(state.step.numpy()) - epoch * steps  # > 0 when resuming mid-epoch
     dataset = state.strategy.distribute_datasets_from_function(
-        lambda ctx: data.make_dataset(x_train, cfg.batch_size, noise_factor=cfg.noise_factor,
-                                      seed=cfg.seed + epoch, input_context=ctx, skip_batches=done))
+        lambda ctx: data.make_dataset(train_split, cfg.batch_size, noise_factor=cfg.noise_factor,
+                                      seed=cfg.seed + epoch, input_context=ctx, skip_batches=done,
+                                      input_groups=cfg.input_groups))
     iterator = iter(dataset)
     if done == 0:
         state.epoch_loss_sum.assign(0.0)
@@ -372,12 +384,12 @@ def _write_epoch(state: TrainState, workdir: str, record: dict, history: list[di
     for key, value in record.items():
         if isinstance(value, float):
             tf.summary.scalar(key, value, step=record["step"])
-    (Path(workdir) / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    paths.write_text(paths.join(workdir, "history.json"), json.dumps(history, indent=1) + "\n")
 
 
 def _read_history(workdir: str) -> list[dict]:
-    path = Path(workdir) / "history.json"
-    return json.loads(path.read_text()) if path.is_file() else []
+    path = paths.join(workdir, "history.json")
+    return json.loads(paths.read_text(path)) if paths.exists(path) else []
 
 
 def _log(state: TrainState, message: str) -> None:
