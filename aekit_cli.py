@@ -2,11 +2,13 @@
 
     aekit train --dataset mnist-sample --model conv --epochs 10 --num-logical-devices 2
     aekit export --workdir runs/ae --model-base-path models/autoencoder
+    aekit data convert --dataset ./images --output gs://bucket/data/images --shards 32
     aekit evaluate --model-base-path models/autoencoder --dataset mnist-sample --json
     aekit serve --port=8500 --rest_api_port=8501 --model_name=autoencoder --model_base_path=$PWD/models/autoencoder
     aekit client denoise --server localhost:8500 --model autoencoder --input x.npy --output y.npy
     aekit plot --workdir runs/ae --output-dir figures
     aekit loadtest --server localhost:8500 --model autoencoder --concurrency 16 --requests 2000
+    aekit release --config models.config --model autoencoder --label canary --version 2 --server localhost:8500
     aekit demo
 
 Heavy libraries (TensorFlow) are imported inside the subcommand, so `aekit --help` is instant.
@@ -18,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 
 
@@ -28,7 +31,8 @@ class UserError(Exception):
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     # default=None everywhere: only flags the user gave override --config and the config defaults.
     p.add_argument("--config", help="JSON config file (as written to WORKDIR/config.json)")
-    p.add_argument("--dataset", help="mnist-sample | tfds:NAME | npz:PATH | DIR of images | PATH.npy")
+    p.add_argument("--dataset", help="mnist-sample | npz:PATH | DIR of images | PATH.npy | tfrecord:DIR_OR_GLOB "
+                                     "| tfds:NAME (paths local, gs:// or ram://)")
     p.add_argument("--data-dir", help="tensorflow-datasets data_dir")
     p.add_argument("--download", action="store_true", default=None, help="let tfds download (needs network)")
     p.add_argument("--model", help="dense | conv")
@@ -44,13 +48,21 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-export", dest="export", action="store_false", default=None)
     p.add_argument("--num-logical-devices", type=int, help="split the CPU into N devices (MirroredStrategy)")
     p.add_argument("--collective", help="multi-worker all-reduce: auto | ring | nccl")
-    p.add_argument("--collective-timeout-seconds", type=float, help="fail, not hang, when a worker dies")
+    p.add_argument("--collective-timeout-seconds", type=float,
+                   help="how long a silent peer (dead, or behind a broken link) is tolerated before the job fails "
+                        "in one line; TensorFlow's heartbeat is set to match (default 300)")
+    p.add_argument("--rendezvous-timeout-seconds", type=float,
+                   help="how long a worker waits for the others to start; it says whom it waits for every 5 s "
+                        "(default 900: pods may start minutes apart)")
     p.add_argument("--checkpoint-every-steps", type=int)
     p.add_argument("--steps-per-loop", type=int, help="training steps per tf.function call")
     p.add_argument("--max-examples", type=int, help="keep only the first N training examples")
     p.add_argument("--normal-classes", help="anomaly detection: train on these labels only, e.g. 3 or 0,1,7")
     p.add_argument("--threshold-fpr", type=float,
                    help="anomaly threshold that flags this fraction of held-out normal data (default 0.01)")
+    p.add_argument("--input-groups", type=int, help="streamed data: file sets per global batch (0: one per worker)")
+    p.add_argument("--force-export", action="store_true", default=None,
+                   help="export even if this training step is already exported")
     p.add_argument("--smoke", action="store_true", default=None, help="a seconds-long run")
     p.add_argument("--multiworker-local", type=int, metavar="N",
                    help="run N local worker processes with MultiWorkerMirroredStrategy")
@@ -76,6 +88,10 @@ def train_config_from_args(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = train_config_from_args(args)
+    if not args.multiworker_local:
+        # Held until training installs its handler: TensorFlow replaces the SIGTERM handler while
+        # workers meet, and a signal it takes is lost (see training.distribute.wait_for_workers).
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
     if args.multiworker_local:
         from training import multiworker
 
@@ -94,7 +110,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from training import jobs
 
-    print(f"exported {jobs.export_job(args.workdir, args.model_base_path, args.threshold_fpr)}")
+    version_dir, created = jobs.export_job(args.workdir, args.model_base_path, args.force, args.threshold_fpr)
+    print(f"exported {version_dir}" if created else f"already exported as {version_dir} (--force to export again)")
+    return 0
+
+
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from training import convert
+
+    metadata = convert.convert(args.dataset, args.output, args.shards, args.data_dir, args.download)
+    counts = {name: split["count"] for name, split in metadata["splits"].items()}
+    print(json.dumps({"output": args.output, "shape": metadata["shape"], "dtype": metadata["dtype"], **counts}))
     return 0
 
 
@@ -148,6 +174,13 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     return 0 if report["errors"] == 0 else 1
 
 
+def cmd_release(args: argparse.Namespace) -> int:
+    from clients import release
+
+    print(json.dumps(release.release(args.config, args.model, args.label, args.version, args.server, args.timeout)))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from clients import demo
 
@@ -168,7 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-base-path", help="default: the one in WORKDIR/config.json")
     p.add_argument("--threshold-fpr", type=float,
                    help="recalibrate the anomaly threshold to this held-out false-positive rate")
+    p.add_argument("--force", action="store_true", help="export even if this training step is already exported")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("data", help="prepare data: `aekit data convert` writes TFRecord shards")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    c = data_sub.add_parser("convert", help="write any source as train/test TFRecord shards + metadata.json")
+    c.add_argument("--dataset", required=True, help="any source `aekit train --dataset` reads")
+    c.add_argument("--output", required=True, help="a folder: local, gs:// or ram://")
+    c.add_argument("--shards", type=int, default=8, help="train shards (test gets a quarter); at least the worker count")
+    c.add_argument("--data-dir", help="tensorflow-datasets data_dir")
+    c.add_argument("--download", action="store_true", help="let tfds download (needs network)")
+    c.set_defaults(func=cmd_data_convert)
 
     p = sub.add_parser("evaluate", help="score the latest exported version on a test split")
     p.add_argument("--model-base-path", required=True)
@@ -202,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_loadtest_flags(p)
     p.set_defaults(func=cmd_loadtest)
+
+    p = sub.add_parser("release", help="move a version label (stable, canary) to a version on running servers")
+    from clients.release import add_release_flags
+
+    add_release_flags(p)
+    p.set_defaults(func=cmd_release)
 
     p = sub.add_parser("demo", help="train, export, serve, call and plot on the built-in data")
     p.add_argument("--output-dir", default="demo-output")
@@ -237,6 +287,11 @@ def _guarded(run) -> int:
         if not hasattr(e, "exit_code"):
             raise
         print(f"aekit: {e}" if e.exit_code == 143 else f"aekit: error: {e}", file=sys.stderr)
+        if getattr(e, "abandon_process", False):
+            # A thread is stuck in TensorFlow's connect call: end now rather than hang in its teardown.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.exit_code)
         return e.exit_code
 
 

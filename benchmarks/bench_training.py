@@ -2,7 +2,8 @@
 
     python -m benchmarks.bench_training            # or: make bench
     # seed blog's model.fit on numpy arrays | aekit loop, 1 device | aekit loop, 2 logical devices
-    # | the input pipeline alone (must deliver >= 10x what the trainer consumes)
+    # | the input pipeline alone, in memory and streaming shards from disk (each must deliver >= 10x
+    # what the trainer consumes) | trainer peak RSS on the sample and on 20x the sample (within 15 %)
 
 Same dense model, data (mnist-sample, noise 0.4), global batch and step count for every row.
 Timings on shared machines are noisy: read the ratios, which are measured in the same run, each
@@ -14,6 +15,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
+import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,11 +31,14 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from training import data, models, train  # noqa: E402
+from training import convert, data, models, train  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 
 NOISE = 0.4
 PIPELINE_BATCHES = 1000  # ~1 s of the pipeline alone; a trainer epoch of mnist-sample is 31
+REPEAT = 20  # the large dataset: the 5,000-image sample 20 times over, 100,000 examples
+SHARDS = 16
+RSS_BOUND = 1.15  # the large dataset's trainer peak RSS may exceed the sample's by at most 15 %
 
 
 def fit_runner(x: np.ndarray, batch: int) -> Callable[[int], float]:
@@ -76,7 +84,7 @@ def loop_runner(x: np.ndarray, batch: int, strategy, workdir: Path) -> Callable[
     return timed
 
 
-def pipeline_runner(x: np.ndarray, batch: int) -> Callable[[int], float]:
+def pipeline_runner(x: np.ndarray | data.Split, batch: int) -> Callable[[int], float]:
     """The tf.data pipeline alone (gather, scale, Gaussian noise, prefetch), sustained: a fresh
     stream each round (no batches prefetched while the other rows ran) and PIPELINE_BATCHES
     batches timed, so the prefetch buffer filled during warm-up is a small part of them."""
@@ -93,15 +101,45 @@ def pipeline_runner(x: np.ndarray, batch: int) -> Callable[[int], float]:
     return timed
 
 
+def large_shards(out: Path) -> Path:
+    """The sample repeated REPEAT times (80,000 train + 20,000 test), converted to shards on disk."""
+    folder = out / f"sample-x{REPEAT}-shards"
+    if not (folder / "metadata.json").exists():
+        sample = data.load_arrays("mnist-sample")
+        npz = out / f"sample-x{REPEAT}.npz"
+        np.savez(npz, x_train=np.concatenate([sample.x_train] * REPEAT),
+                 y_train=np.concatenate([sample.y_train] * REPEAT),
+                 x_test=np.concatenate([sample.x_test] * REPEAT), y_test=np.concatenate([sample.y_test] * REPEAT))
+        convert.convert(f"npz:{npz}", str(folder), shards=SHARDS)
+        npz.unlink()
+    return folder
+
+
+def trainer_peak_rss_mb(dataset: str, batch: int, workdir: Path) -> float:
+    """Peak resident memory of one fresh `aekit train` process (1 epoch, evaluation included)."""
+    shutil.rmtree(workdir, ignore_errors=True)  # a checkpoint left there would make it train nothing
+    argv = [sys.executable, "-m", "aekit_cli", "train", "--dataset", dataset, "--model", "dense", "--epochs", "1",
+            "--batch-size", str(batch), "--noise-factor", str(NOISE), "--no-export", "--workdir", str(workdir)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not the max over all children
+    if status != 0:
+        raise RuntimeError(f"aekit train on {dataset} failed: {proc.stderr.read().decode()[-2000:]}")
+    return usage.ru_maxrss / 1024  # kilobytes on Linux
+
+
 def run(epochs: int = 3, batch: int = 128, output_dir: str = "bench-output", rounds: int = 5) -> dict:
     x = data.load_arrays("mnist-sample").x_train
     out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = large_shards(out)
     mirrored = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")[:2]])
     runners = {
         "seed_blog_fit": fit_runner(x, batch),
         "aekit_loop_1_device": loop_runner(x, batch, tf.distribute.get_strategy(), out / "w1"),
         "aekit_loop_2_logical_devices": loop_runner(x, batch, mirrored, out / "w2"),
         "input_pipeline_alone": pipeline_runner(x, batch),
+        "input_pipeline_from_shards": pipeline_runner(data.load_source(f"tfrecord:{shards}").train, batch),
     }
     # Each row times ~1 s; one after the other they caught different moments of this machine's
     # drifting speed (loop / fit read 0.70 in one run, 1.31 in the next). So the rows take turns,
@@ -116,14 +154,23 @@ def run(epochs: int = 3, batch: int = 128, output_dir: str = "bench-output", rou
               "loop_vs_fit": rows["aekit_loop_1_device"] / rows["seed_blog_fit"],
               "pipeline_vs_trainer": rows["input_pipeline_alone"] / rows["aekit_loop_1_device"],
               "two_devices_vs_one": rows["aekit_loop_2_logical_devices"] / rows["aekit_loop_1_device"],
+              "shards_pipeline_vs_trainer": rows["input_pipeline_from_shards"] / rows["aekit_loop_1_device"],
               "note": "2 logical devices share the same 2 CPU cores: this row measures MirroredStrategy's "
                       "overhead, not a speed-up"}
     print(f"training throughput (images/s), same model, data and global batch; median of {rounds} rounds:")
     for name, value in rows.items():
         print(f"  {name:32s} {value:10.0f}   (runs: {', '.join(f'{v:.0f}' for v in samples[name])})")
     print(f"  loop / fit {report['loop_vs_fit']:.2f} (goal >= 1)   pipeline / trainer "
-          f"{report['pipeline_vs_trainer']:.1f} (goal >= 10)   2 devices / 1 {report['two_devices_vs_one']:.2f}")
-    out.mkdir(parents=True, exist_ok=True)
+          f"{report['pipeline_vs_trainer']:.1f} (goal >= 10)   shards pipeline / trainer "
+          f"{report['shards_pipeline_vs_trainer']:.1f} (goal >= 10)   2 devices / 1 {report['two_devices_vs_one']:.2f}")
+    # Memory, measured once each (one process per dataset, run one after the other).
+    rss = {"mnist_sample_in_memory": trainer_peak_rss_mb("mnist-sample", batch, out / "rss-sample"),
+           f"sample_x{REPEAT}_shards": trainer_peak_rss_mb(f"tfrecord:{shards}", batch, out / "rss-large")}
+    report["trainer_peak_rss_mb"] = rss
+    report["large_vs_sample_rss"] = rss[f"sample_x{REPEAT}_shards"] / rss["mnist_sample_in_memory"]
+    print(f"trainer peak RSS: mnist-sample (5,000 in memory) {rss['mnist_sample_in_memory']:.0f} MB, "
+          f"{REPEAT}x the sample (100,000, streamed from {SHARDS} shards) {rss[f'sample_x{REPEAT}_shards']:.0f} MB: "
+          f"ratio {report['large_vs_sample_rss']:.3f} (goal <= {RSS_BOUND})")
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 

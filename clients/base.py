@@ -18,6 +18,7 @@ from clients.errors import ClientError
 DTYPES = {"DT_FLOAT": np.float32, "DT_DOUBLE": np.float64, "DT_INT32": np.int32, "DT_INT64": np.int64,
           "DT_UINT8": np.uint8, "DT_BOOL": np.bool_, "DT_STRING": object, "DT_HALF": np.float16}
 DEFAULT_CHUNK_BYTES = 3 * 1024 * 1024  # under the 4 MiB that default gRPC peers accept
+LOAD_BALANCING_POLICIES = ("pick_first", "round_robin")  # gRPC's built-in policies
 
 
 @dataclasses.dataclass(frozen=True)

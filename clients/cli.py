@@ -14,13 +14,16 @@ import json
 
 import numpy as np
 
+from clients.base import LOAD_BALANCING_POLICIES
+
 METHODS = ("encode", "decode", "denoise", "score", "status", "metadata")
 
 
 def add_client_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("client", help="call encode/decode/denoise/score/status/metadata on a server")
     p.add_argument("method", choices=METHODS)
-    p.add_argument("--server", default="localhost:8500", help="HOST:PORT (the REST port with --rest)")
+    p.add_argument("--server", default="localhost:8500",
+                   help="HOST:PORT (the REST port with --rest); gRPC also dns:///HOST:PORT, ipv4:IP:PORT,IP:PORT")
     p.add_argument("--model", default="autoencoder")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--version", type=int)
@@ -32,6 +35,8 @@ def add_client_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--error-map", metavar="DIR|.npy",
                    help="score: write each input's per-pixel squared error (error_map) as images or .npy")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    p.add_argument("--load-balancing", default="pick_first", choices=LOAD_BALANCING_POLICIES,
+                   help="gRPC: round_robin spreads calls over every address --server resolves to")
     p.add_argument("--tls", action="store_true", help="gRPC over TLS")
     p.add_argument("--ca-cert", help="with --tls: PEM file of the CA that signed the server certificate")
     return p
@@ -39,12 +44,17 @@ def add_client_parser(subparsers) -> argparse.ArgumentParser:
 
 def make_client(args):
     from clients import AutoencoderClient, RestAutoencoderClient
+    from clients.errors import ClientError
 
     common = dict(model=args.model, version=args.version, label=args.label, timeout=args.timeout)
     if args.rest:
+        if args.load_balancing != "pick_first":
+            raise ClientError("--load-balancing is for gRPC: REST calls go over one HTTP connection; spread "
+                              "them with a Service or an ingress", "INVALID_ARGUMENT")
         return RestAutoencoderClient(args.server, **common)
     root = open(args.ca_cert, "rb").read() if args.ca_cert else None
-    return AutoencoderClient(args.server, tls=args.tls, root_certificates=root, **common)
+    return AutoencoderClient(args.server, tls=args.tls, root_certificates=root, load_balancing=args.load_balancing,
+                             **common)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,14 +4,19 @@
     client = AutoencoderClient("localhost:8500", model="autoencoder")
     codes = client.encode(images)            # images: (N, 28, 28, 1) float32 in [0, 1]
     clean = client.denoise(noisy, label="stable")
+    spread = AutoencoderClient("dns:///aekit-serving-grpc:8500", load_balancing="round_robin")
 
 Every call has a deadline; UNAVAILABLE (server starting, restarting, overloaded) is retried
 with exponential backoff; big batches go in concurrent chunks under the message size limit,
-and the channel accepts replies far above gRPC's 4 MiB default.
+and the channel accepts replies far above gRPC's 4 MiB default. Any gRPC target works:
+HOST:PORT, dns:///HOST:PORT (every address the name resolves to, e.g. a headless Service) or
+ipv4:IP:PORT,IP:PORT; with load_balancing="round_robin" calls take turns over those addresses
+instead of all going to the first that answers (gRPC's default, pick_first).
 """
 
 from __future__ import annotations
 
+import json
 import time
 
 import grpc
@@ -26,7 +31,13 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from clients.base import BaseClient, ModelRef, Signature, signatures_from_json
+from clients.base import (
+    LOAD_BALANCING_POLICIES,
+    BaseClient,
+    ModelRef,
+    Signature,
+    signatures_from_json,
+)
 from clients.errors import ClientError
 from serving.tensors import ndarray_to_proto, proto_to_ndarray
 
@@ -35,14 +46,26 @@ RETRY_CODES = (grpc.StatusCode.UNAVAILABLE,)
 STATE_NAMES = {v: k for k, v in get_model_status_pb2.ModelVersionStatus.State.items()}
 
 
+def channel_options(load_balancing: str = "pick_first") -> list[tuple]:
+    """Channel options for a model server: no message size cap, and the load-balancing policy
+    over the addresses the target resolves to (gRPC service config, loadBalancingConfig)."""
+    if load_balancing not in LOAD_BALANCING_POLICIES:
+        raise ClientError(f"load balancing {load_balancing!r}: expected one of {', '.join(LOAD_BALANCING_POLICIES)}",
+                          "INVALID_ARGUMENT")
+    service_config = {"loadBalancingConfig": [{load_balancing: {}}]}
+    return [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.service_config", json.dumps(service_config))]
+
+
 class AutoencoderClient(BaseClient):
     def __init__(self, address: str, model: str = "autoencoder", *, version: int | None = None,
                  label: str | None = None, timeout: float = 30.0, retries: int = 5, backoff: float = 0.2,
-                 tls: bool = False, root_certificates: bytes | None = None, **kwargs):
+                 tls: bool = False, root_certificates: bytes | None = None, load_balancing: str = "pick_first",
+                 **kwargs):
         super().__init__(model, version, label, timeout, **kwargs)
         self.address, self.retries, self.backoff = address, retries, backoff
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        options = channel_options(load_balancing)
         if tls:
             credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
             self.channel = grpc.secure_channel(address, credentials, options=options)
@@ -103,11 +126,11 @@ class AutoencoderClient(BaseClient):
         request = get_model_status_pb2.GetModelStatusRequest(model_spec=self._spec(self._ref(model, version, label)))
         response = self._call(self.models.GetModelStatus, request)
         return [{"version": s.version, "state": STATE_NAMES.get(s.state, str(s.state)),
-                 "error_code": grpc.StatusCode.OK.name if s.status.error_code == 0 else _code_name(s.status.error_code),
+                 "error_code": grpc.StatusCode.OK.name if s.status.error_code == 0 else code_name(s.status.error_code),
                  "error_message": s.status.error_message} for s in response.model_version_status]
 
 
-def _code_name(value: int) -> str:
+def code_name(value: int) -> str:
     return next((c.name for c in grpc.StatusCode if c.value[0] == value), str(value))
 
 

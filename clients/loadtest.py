@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from clients.base import LOAD_BALANCING_POLICIES
 from clients.errors import HTTP_TO_CODE, ClientError
 
 # TensorFlow-backed modules are imported where used, so `aekit --help` stays instant.
@@ -33,7 +34,8 @@ def _flag(default, help: str):
 
 @dataclasses.dataclass
 class LoadConfig:
-    server: str = dataclasses.field(metadata={"help": "HOST:PORT (the REST port with --rest)"})
+    server: str = dataclasses.field(metadata={"help": "HOST:PORT (the REST port with --rest); gRPC also "
+                                                      "dns:///HOST:PORT, ipv4:IP:PORT,IP:PORT"})
     model: str = _flag("autoencoder", "model name on the server")
     rest: bool = _flag(False, "call REST :predict instead of gRPC Predict")
     concurrency: int = _flag(16, "requests in flight")
@@ -42,6 +44,8 @@ class LoadConfig:
     batch_size: int = _flag(1, "rows per request")
     signature: str = _flag("denoise", "signature to call")
     timeout: float = _flag(10.0, "per-request deadline, seconds")
+    load_balancing: str = _flag("pick_first", "gRPC: pick_first | round_robin (spread over every address "
+                                "--server resolves to)")
     # A load generator on the server's cores slows the server it measures; on one machine, give
     # each its own cores (the server with taskset, this with --cpus).
     cpus: str = _flag("", "run the load generator only on these CPUs, as taskset -c takes them: 0 | 0,2 | 1-3")
@@ -53,6 +57,12 @@ class LoadConfig:
         if self.duration <= 0:
             raise ClientError("--duration must be positive", "INVALID_ARGUMENT")
         parse_cpus(self.cpus)
+        if self.load_balancing not in LOAD_BALANCING_POLICIES:
+            raise ClientError(f"--load-balancing {self.load_balancing!r}: expected one of "
+                              f"{', '.join(LOAD_BALANCING_POLICIES)}", "INVALID_ARGUMENT")
+        if self.rest and self.load_balancing != "pick_first":
+            raise ClientError("--load-balancing is for gRPC: REST load goes over one HTTP connection per worker",
+                              "INVALID_ARGUMENT")
 
 
 def parse_cpus(text: str) -> set[int]:
@@ -123,7 +133,8 @@ def run(cfg: LoadConfig, own_process: bool = False) -> dict:
         # The calling thread and every thread it starts from here on (gRPC's included).
         os.sched_setaffinity(0, parse_cpus(cfg.cpus))
     client_class = RestAutoencoderClient if cfg.rest else AutoencoderClient
-    shape = client_class(cfg.server, cfg.model, timeout=cfg.timeout).input_shape(cfg.signature)
+    lb = {} if cfg.rest else {"load_balancing": cfg.load_balancing}
+    shape = client_class(cfg.server, cfg.model, timeout=cfg.timeout, **lb).input_shape(cfg.signature)
     batch = np.random.default_rng(0).random((cfg.batch_size, *shape[1:])).astype(np.float32)
     recorder = _Recorder(cfg.requests)
     started = time.perf_counter()
@@ -139,13 +150,13 @@ async def _run_grpc(cfg: LoadConfig, batch: np.ndarray, recorder: _Recorder, dea
     import grpc
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_service_pb2_grpc
 
-    from clients.grpc_client import MAX_MESSAGE_BYTES, AutoencoderClient
+    from clients.grpc_client import AutoencoderClient, channel_options
     from serving.tensors import ndarray_to_proto
 
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+    options = channel_options(cfg.load_balancing)
     async with grpc.aio.insecure_channel(cfg.server, options=options) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        signatures = AutoencoderClient(cfg.server, cfg.model).signatures()
+        signatures = AutoencoderClient(cfg.server, cfg.model, load_balancing=cfg.load_balancing).signatures()
         request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name=cfg.model, signature_name=cfg.signature))
         request.inputs[signatures[cfg.signature].input_alias].CopyFrom(ndarray_to_proto(batch, tensor_content=True))
 

@@ -20,6 +20,8 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+PLOT_EXAMPLES = 1000  # held-out examples scored for the figures (all of mnist-sample's test split)
+
 
 def _image(ax, image: np.ndarray, title: str | None = None) -> None:
     ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0.0, vmax=1.0)
@@ -156,13 +158,15 @@ def plot_worst_scored(images, error_maps, errors, path, count: int = 8) -> Path:
 def plot_workdir(workdir: str, output_dir: str, model_base_path: str | None = None,
                  dataset: str = "mnist-sample") -> list[Path]:
     """Training curves from WORKDIR/history.json; with a model, the model figures on the test split."""
-    history_path = Path(workdir) / "history.json"
-    if not history_path.is_file():
+    from storage import paths  # workdirs may be local, gs:// or ram://; figures are written locally
+
+    history_path = paths.join(paths.check(workdir, "--workdir"), "history.json")
+    if not paths.exists(history_path):
         from training.config import ConfigError
 
         raise ConfigError(f"{history_path} does not exist; train with --workdir {workdir} first")
     out = Path(output_dir)
-    written = [plot_training_curves(json.loads(history_path.read_text()), out / "training_curves.png")]
+    written = [plot_training_curves(json.loads(paths.read_text(history_path)), out / "training_curves.png")]
     if model_base_path:
         written += plot_saved_model(model_base_path, dataset, out)
     return written
@@ -176,7 +180,7 @@ def plot_saved_model(model_base_path: str, dataset: str, out: Path, noise_factor
     from training.evaluate import latest_version_dir
 
     loaded = tf.saved_model.load(str(latest_version_dir(model_base_path)))
-    arrays = data.load_arrays(dataset)
+    arrays = data.to_arrays(data.load_source(dataset), limit=PLOT_EXAMPLES)
     clean = data.scale_to_unit(tf.constant(arrays.x_test)).numpy()
     call = lambda name, **kw: {k: v.numpy() for k, v in loaded.signatures[name](**kw).items()}  # noqa: E731
     latents = call("encode", images=clean)["latent"]

@@ -11,7 +11,6 @@ One keep-alive connection per thread; UNAVAILABLE (503) and refused connections 
 from __future__ import annotations
 
 import http.client
-import json
 import threading
 import time
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from clients.base import BaseClient, ModelRef, Signature, signatures_from_json
 from clients.errors import HTTP_TO_CODE, ClientError
+from serving.errors import ServingError
 from serving.tensors import dumps, loads, ndarray_to_json
 
 
@@ -99,7 +99,7 @@ class RestAutoencoderClient(BaseClient):
 def _decode(status: int, text: bytes) -> dict:
     try:
         body = loads(text)
-    except json.JSONDecodeError:
+    except ServingError:  # not JSON (e.g. a proxy's HTML page): show its start
         body = {"error": text.decode(errors="replace")[:200]}
     if status != 200:
         code = HTTP_TO_CODE.get(status, "UNKNOWN")

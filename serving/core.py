@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import posixpath
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
@@ -217,6 +218,10 @@ class DataPlane:
         if len(signature.inputs) != 1 or "inputs" not in signature.inputs:
             raise invalid_argument(f"Expected one input Tensor named \"inputs\" in {what} signature {name}; "
                                    f"found {sorted(signature.inputs)}")
+        if signature.inputs["inputs"].dtype != types_pb2.DT_STRING:
+            raise invalid_argument(f"{what.capitalize()} signature {name} takes "
+                                   f"{tf.dtypes.as_dtype(signature.inputs['inputs'].dtype).name} \"inputs\", not "
+                                   "serialized tf.Examples (string); call it with Predict")
         wanted = {"classes", "scores"} if method == CLASSIFY_METHOD else {"outputs"}
         if not wanted & set(signature.outputs):
             raise invalid_argument(f"Expected {what} signature outputs to contain "
@@ -249,12 +254,12 @@ class DataPlane:
     # ---- Warmup -----------------------------------------------------------------------
     def warmup(self, servable: Servable) -> int:
         """Replays assets.extra/tf_serving_warmup_requests on a version before it is served."""
-        path = Path(servable.path) / WARMUP_FILE
-        if not path.is_file():
+        path = posixpath.join(servable.path, WARMUP_FILE)  # a gfile path (gs://, ram://): never pathlib
+        if not tf.io.gfile.exists(path):
             return 0
         count, started, status = 0, time.perf_counter(), "INTERNAL"
         try:
-            for record in tf.data.TFRecordDataset(str(path)).take(MAX_WARMUP_RECORDS):
+            for record in tf.data.TFRecordDataset(path).take(MAX_WARMUP_RECORDS):
                 log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
                 self._replay(servable, log)
                 count += 1

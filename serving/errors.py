@@ -18,10 +18,22 @@ HTTP_STATUS = {
 }
 
 
+# TF Serving cuts every status message to this many characters and appends "...TRUNCATED"
+# (ToGRPCStatus, model_servers/grpc_status_util.cc): a name of 100k characters echoed back would
+# otherwise exceed the client's 8 KiB metadata limit and arrive as a broken stream.
+MESSAGE_LIMIT = 1024
+
+
+def truncated(message: str) -> str:
+    return message[:MESSAGE_LIMIT] + "...TRUNCATED" if len(message) > MESSAGE_LIMIT else message
+
+
 class ServingError(Exception):
-    """An error a client sees: `code` is the gRPC status, `message` the exact text."""
+    """An error a client sees: `code` is the gRPC status, `message` the exact text (gRPC and
+    REST alike), cut at MESSAGE_LIMIT as TF Serving does."""
 
     def __init__(self, code: grpc.StatusCode, message: str):
+        message = truncated(message)
         super().__init__(message)
         self.code = code
         self.message = message
@@ -45,3 +57,9 @@ def failed_precondition(message: str) -> ServingError:
 
 def unavailable(message: str) -> ServingError:
     return ServingError(grpc.StatusCode.UNAVAILABLE, message)
+
+
+class StartupError(RuntimeError):
+    """A server that cannot start (a port in use, a bad socket path or TLS file): one line at the CLI."""
+
+    exit_code = 1

@@ -16,8 +16,12 @@ import asyncio
 import functools
 import inspect
 import logging
+import os
+import socket
 import threading
+from collections.abc import Callable
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 from google.protobuf import any_pb2
@@ -38,19 +42,37 @@ from tensorflow_serving.apis import (
 )
 
 from serving.core import DataPlane
-from serving.errors import ServingError
+from serving.errors import ServingError, StartupError, invalid_argument, truncated
 from serving.tensors import ndarray_to_proto, proto_to_ndarray
 
 log = logging.getLogger(__name__)
 HEALTH_SERVICES = ("", "ModelService", "PredictionService",
                    "tensorflow.serving.ModelService", "tensorflow.serving.PredictionService")
+TF_SERVING_METHODS = ("/tensorflow.serving.PredictionService/", "/tensorflow.serving.ModelService/")
 
 
 def _status_of(error: Exception, method_name: str) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, ServingError):
         return error.code, error.message
     log.error("internal error in %s", method_name, exc_info=error)  # a server bug, not the client's
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+    return grpc.StatusCode.INTERNAL, truncated(f"internal error: {type(error).__name__}: {error}")
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes do not parse, so that `_map_errors` answers it."""
+
+    def __init__(self, message_name: str, error: Exception):
+        self.message_name, self.error = message_name, error
+
+
+def _checked_request(request, method_name: str):
+    if isinstance(request, _Undecodable):
+        # grpc-python answers INTERNAL ("Exception deserializing request!"; UNKNOWN on grpc.aio),
+        # and so does TF Serving's grpc++ (GenericDeserialize in grpcpp proto_utils.h): bytes that
+        # are not the method's message are the client's mistake, so INVALID_ARGUMENT here.
+        raise invalid_argument(f"{method_name}: the request bytes are not a valid {request.message_name}: "
+                               f"{request.error}")
+    return request
 
 
 def _map_errors(method):
@@ -58,7 +80,7 @@ def _map_errors(method):
         @functools.wraps(method)
         async def async_wrapper(self, request, context):
             try:
-                return await method(self, request, context)
+                return await method(self, _checked_request(request, _rpc_name(method)), context)
             except Exception as e:  # noqa: BLE001 - mapped to a status, never a dropped call
                 if isinstance(e, grpc.aio.AbortError):
                     raise
@@ -68,7 +90,7 @@ def _map_errors(method):
     @functools.wraps(method)
     def wrapper(self, request, context):
         try:
-            return method(self, request, context)
+            return method(self, _checked_request(request, _rpc_name(method)), context)
         except Exception as e:  # noqa: BLE001 - mapped to a status, never a dropped call
             context.abort(*_status_of(e, method.__name__))
     return wrapper
@@ -94,9 +116,41 @@ def _recorded(api: str):
     return decorate
 
 
+def _rpc_name(method) -> str:
+    """'Predict' for _predict_sync/_predict_async, else the method's own name."""
+    return "Predict" if method.__name__.startswith("_predict") else method.__name__
+
+
+def _tolerant(handler: grpc.RpcMethodHandler | None, method: str) -> grpc.RpcMethodHandler | None:
+    """TF Serving's unary methods with a deserializer that hands undecodable bytes on as
+    _Undecodable instead of failing inside grpc (see _checked_request)."""
+    if handler is None or not method.startswith(TF_SERVING_METHODS) or handler.request_streaming:
+        return handler
+    parse = handler.request_deserializer  # the generated stubs pass SomeRequest.FromString
+    message_name = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
+    message_name = message_name.full_name if message_name else "request message"
+
+    def deserialize(data: bytes):
+        try:
+            return parse(data)
+        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, or worse: the client's bytes
+            return _Undecodable(message_name, e)
+    return handler._replace(request_deserializer=deserialize)
+
+
+class _TolerantDeserialization(grpc.ServerInterceptor):
+    def intercept_service(self, continuation, handler_call_details):
+        return _tolerant(continuation(handler_call_details), handler_call_details.method)
+
+
+class _AioTolerantDeserialization(grpc.aio.ServerInterceptor):
+    async def intercept_service(self, continuation, handler_call_details):
+        return _tolerant(await continuation(handler_call_details), handler_call_details.method)
+
+
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, core: DataPlane, executor: futures.Executor | None = None):
-        self.core, self.executor = core, executor
+    def __init__(self, core: DataPlane, executor: futures.Executor | None = None, max_request_bytes: int | None = None):
+        self.core, self.executor, self.max_request_bytes = core, executor, max_request_bytes
         # With batching, a request waiting for its batch holds a future (the coroutine), not a
         # thread. Without, the plain function runs in the thread pool: one hop less, lower latency.
         self.Predict = self._predict_async if core.batcher is not None else self._predict_sync
@@ -104,7 +158,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     @_map_errors
     @_recorded("Predict")
     async def _predict_async(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
-        inputs = {alias: proto_to_ndarray(t, alias) for alias, t in request.inputs.items()}
+        inputs = _decoded_inputs(request, self.max_request_bytes)
         resolved, outputs = await self.core.predict_async(request.model_spec, inputs, request.output_filter,
                                                           context.time_remaining(), self.executor)
         return _predict_response(resolved, outputs, self.core.response_tensor_content)
@@ -112,7 +166,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     @_map_errors
     @_recorded("Predict")
     def _predict_sync(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
-        inputs = {alias: proto_to_ndarray(t, alias) for alias, t in request.inputs.items()}
+        inputs = _decoded_inputs(request, self.max_request_bytes)
         resolved, outputs = self.core.predict(request.model_spec, inputs, request.output_filter,
                                               timeout=context.time_remaining())
         return _predict_response(resolved, outputs, self.core.response_tensor_content)
@@ -162,6 +216,17 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
             response.status.error_code = e.code.value[0]
             response.status.error_message = e.message
         return response
+
+
+def _decoded_inputs(request: predict_pb2.PredictRequest, max_bytes: int | None) -> dict:
+    """The request's tensors as arrays, together at most `max_bytes` once decoded (checked
+    before each is allocated)."""
+    inputs = {}
+    for alias, tensor in request.inputs.items():
+        inputs[alias] = proto_to_ndarray(tensor, alias, max_bytes)
+        if max_bytes is not None:
+            max_bytes -= inputs[alias].nbytes
+    return inputs
 
 
 def _predict_response(resolved, outputs, tensor_content: bool) -> predict_pb2.PredictResponse:
@@ -218,8 +283,10 @@ class HealthReporter:
         self.servicer.enter_graceful_shutdown()
 
 
-def _add_services(server, core: DataPlane, pool: futures.Executor, enable_health: bool) -> HealthReporter | None:
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(core, pool), server)
+def _add_services(server, core: DataPlane, pool: futures.Executor, enable_health: bool,
+                  max_request_bytes: int | None) -> HealthReporter | None:
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        PredictionServicer(core, pool, max_request_bytes), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(core), server)
     names = [prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name,
              model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name]
@@ -235,17 +302,48 @@ def _add_services(server, core: DataPlane, pool: futures.Executor, enable_health
 
 
 def _bind(server, addresses: list[str], credentials: grpc.ServerCredentials | None) -> list[int]:
+    """Binds every address, TLS on all of them when `credentials` are given (TF Serving uses the
+    same credentials for --grpc_socket_path as for --port)."""
     ports = []
     for address in addresses:
-        secure = credentials is not None and not address.startswith("unix:")
+        if address.startswith("unix:"):
+            check_socket_path(address.removeprefix("unix:"))
         try:
-            bound = server.add_secure_port(address, credentials) if secure else server.add_insecure_port(address)
+            bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
         except RuntimeError:
             bound = 0
         if bound == 0:
-            raise OSError(f"cannot bind gRPC to {address}: in use or not permitted")
+            raise StartupError(f"cannot bind gRPC to {address}: the port is in use (another server?) or not "
+                               "permitted")
         ports.append(bound)
     return ports
+
+
+UNIX_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes, the last a NUL
+
+
+def check_socket_path(path: str) -> None:
+    """Refuses a socket path that cannot work, or that another server is listening on: gRPC
+    removes an existing socket file before binding, which would silently steal it."""
+    target = Path(path)
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        raise StartupError(f"--grpc_socket_path {path} is {len(os.fsencode(path))} bytes long; a unix socket "
+                           f"path holds at most {UNIX_PATH_MAX}")
+    if not target.parent.is_dir():
+        raise StartupError(f"--grpc_socket_path {path}: the folder {target.parent} does not exist")
+    if target.exists() and not target.is_socket():
+        raise StartupError(f"--grpc_socket_path {path} exists and is not a socket; remove it or choose another path")
+    if target.is_socket() and _is_listening(path):
+        raise StartupError(f"--grpc_socket_path {path} is in use by another server")
+
+
+def _is_listening(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:  # a stale socket file left by a server that died
+            return False
+    return True
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
@@ -265,10 +363,14 @@ class GrpcServer:
     def __init__(self, core: DataPlane, addresses: list[str], options: list[tuple], workers: int,
                  enable_health: bool, credentials: grpc.ServerCredentials | None = None):
         pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc")
+        # grpc-python sets SO_REUSEPORT by default: a second server on a port in use would start
+        # and the kernel would split connections between the two. A port in use must fail.
+        options = [("grpc.so_reuseport", 0), *options]
+        max_request_bytes = dict(options).get("grpc.max_receive_message_length")
         self.loop = None
         if core.batcher is None:
-            self.server = grpc.server(pool, options=options)
-            self.health = _add_services(self.server, core, pool, enable_health)
+            self.server = grpc.server(pool, options=options, interceptors=[_TolerantDeserialization()])
+            self.health = _add_services(self.server, core, pool, enable_health, max_request_bytes)
             self.ports = _bind(self.server, addresses, credentials)
             return
         self.loop = _new_event_loop()
@@ -276,8 +378,10 @@ class GrpcServer:
         self._thread.start()
 
         async def build():  # an aio server belongs to the loop it is created in
-            server = grpc.aio.server(migration_thread_pool=pool, options=options)
-            return server, _add_services(server, core, pool, enable_health), _bind(server, addresses, credentials)
+            server = grpc.aio.server(migration_thread_pool=pool, options=options,
+                                     interceptors=[_AioTolerantDeserialization()])
+            return (server, _add_services(server, core, pool, enable_health, max_request_bytes),
+                    _bind(server, addresses, credentials))
 
         self.server, self.health, self.ports = self._on_loop(build())
 
@@ -292,9 +396,18 @@ class GrpcServer:
 
     def stop(self, grace: float) -> None:
         """Refuses new calls, lets calls in flight finish within `grace` seconds."""
+        self.begin_stop(grace)()
+
+    def begin_stop(self, grace: float) -> Callable[[], None]:
+        """Refuses new calls from now on (grpc sends GOAWAY; a new call on an open connection
+        gets UNAVAILABLE) and returns the wait for the calls in flight (at most `grace` s)."""
         if self.loop is None:
-            self.server.stop(grace).wait()
-            return
-        self._on_loop(self.server.stop(grace))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
+            stopped = self.server.stop(grace)
+            return lambda: stopped.wait()
+        stopping = asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop)
+
+        def wait() -> None:
+            stopping.result()
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(5)
+        return wait

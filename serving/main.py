@@ -18,7 +18,9 @@ import logging
 import os
 import shutil
 import signal
+import ssl
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,11 +30,13 @@ import grpc
 from serving import config_files
 from serving.batching import BatchingOptions, BatchScheduler
 from serving.core import DataPlane
+from serving.errors import ServingError, StartupError
 from serving.grpc_server import GrpcServer
-from serving.manager import ModelManager
+from serving.manager import ModelManager, check_model_config
 from serving.metrics import ServerMetrics
 from serving.rest_server import RestApi, RestServer
 from serving.servable import Servable
+from storage import paths
 
 log = logging.getLogger("aekit.serve")
 TF_SERVING_BINARY = "tensorflow_model_server"
@@ -56,7 +60,7 @@ class ServerConfig:
     grpc_socket_path: str = ""  # also serve gRPC on this unix socket
     rest_api_port: int = 0  # 0 = REST off (as TF Serving); -1 picks a free port
     rest_api_timeout_in_ms: int = 30000  # per REST request
-    rest_api_num_threads: int = 0  # accepted for compatibility; the REST server uses a thread per connection
+    rest_api_num_threads: int = 0  # threads for REST model calls; 0 = 4 x CPU cores (TF Serving server.h)
     rest_api_enable_cors_support: bool = False  # ignored (warning): no CORS headers are sent
     grpc_max_threads: int = 0  # threads for model calls and non-Predict methods; 0 = 4 x CPU cores
     grpc_channel_arguments: str = ""  # k=v,k2=v2 server channel options
@@ -76,8 +80,8 @@ class ServerConfig:
     num_request_iterations_for_warmup: int = 1  # ignored (warning): each warmup record is replayed once
     enable_grpc_healthcheck_service: bool = False
     enable_serialization_as_tensor_content: bool = False  # Predict outputs in tensor_content, not *_val
-    max_num_load_retries: int = 5  # accepted for compatibility; a failed version stays failed
-    load_retry_interval_micros: int = 60_000_000  # accepted for compatibility, as max_num_load_retries
+    max_num_load_retries: int = 5  # retries of a failed load, then it ends failed (TF Serving's)
+    load_retry_interval_micros: int = 60_000_000  # between load retries; negative = no wait
     num_load_threads: int = 0  # ignored (warning): versions load one at a time
     num_unload_threads: int = 0  # ignored (warning)
     flush_filesystem_caches: bool = True  # ignored (warning): nothing to flush
@@ -103,7 +107,7 @@ class ServerConfig:
     # stripped before exec'ing it)
     engine: str = "auto"  # auto | embedded | tfserving
     host: str = "0.0.0.0"  # bind address for both ports
-    max_request_bytes: int = 2**31 - 1  # larger requests: RESOURCE_EXHAUSTED / HTTP 429
+    max_request_bytes: int = 2**31 - 1  # larger requests: RESOURCE_EXHAUSTED / HTTP 413
 
 AEKIT_ONLY_FLAGS = ("engine", "host", "max_request_bytes")
 
@@ -219,9 +223,20 @@ def channel_options(cfg: ServerConfig) -> list[tuple]:
 
 def model_server_config(cfg: ServerConfig):
     if cfg.model_config_file:
-        return config_files.parse_text(cfg.model_config_file, config_files.ModelServerConfig)
-    base = Path(cfg.model_base_path)
-    return config_files.single_model_config(cfg.model_name, str(base.resolve()))
+        config = config_files.parse_text(cfg.model_config_file, config_files.ModelServerConfig)
+    else:
+        base = cfg.model_base_path
+        try:
+            paths.check(base, "--model_base_path")
+        except paths.PathError as e:
+            raise config_files.ConfigFileError(str(e)) from None
+        # Local paths are made absolute as TF Serving logs them; a URL (gs://, ram://) is kept as given.
+        config = config_files.single_model_config(cfg.model_name, os.path.abspath(base) if paths.is_local(base) else base)
+    try:
+        check_model_config(config)  # duplicate names, a missing base_path: one line, not a traceback
+    except ServingError as e:
+        raise config_files.ConfigFileError(f"{cfg.model_config_file or '--model_name'}: {e.message}") from None
+    return config
 
 
 def server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
@@ -230,9 +245,32 @@ def server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
     ssl = config_files.parse_text(cfg.ssl_config_file, config_files.SSLConfig)
     if not ssl.server_key or not ssl.server_cert:
         raise config_files.ConfigFileError(f"{cfg.ssl_config_file}: server_key and server_cert are required")
+    check_pem(cfg.ssl_config_file, ssl)
     return grpc.ssl_server_credentials([(ssl.server_key.encode(), ssl.server_cert.encode())],
                                        root_certificates=ssl.custom_ca.encode() or None,
                                        require_client_auth=ssl.client_verify)
+
+
+def check_pem(path: str, ssl_config) -> None:
+    """Refuses keys and certificates that are not PEM, or do not match, before gRPC sees them
+    (it would only fail to bind, which reads like a port in use). OpenSSL checks, via `ssl`."""
+    with tempfile.TemporaryDirectory() as folder:
+        key, cert = Path(folder, "key.pem"), Path(folder, "cert.pem")
+        key.write_text(ssl_config.server_key)
+        cert.write_text(ssl_config.server_cert)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(cert, key)
+        except ssl.SSLError as e:
+            raise config_files.ConfigFileError(
+                f"{path}: server_key and server_cert must be a matching PEM private key and certificate "
+                f"(-----BEGIN ...-----); OpenSSL says: {e.reason or 'not PEM'}") from None
+        if ssl_config.custom_ca:
+            try:
+                context.load_verify_locations(cadata=ssl_config.custom_ca)
+            except ssl.SSLError as e:
+                raise config_files.ConfigFileError(f"{path}: custom_ca is not a PEM certificate; "
+                                                   f"OpenSSL says: {e.reason or 'not PEM'}") from None
 
 
 def configure_tf_threads(intra_op: int, inter_op: int) -> None:
@@ -262,7 +300,9 @@ class EmbeddedServer:
             except ValueError as e:
                 raise config_files.ConfigFileError(f"{cfg.batching_parameters_file}: {e}") from None
             batcher = BatchScheduler(options, self.metrics.observe_batch)
-        self.manager = ModelManager(loader=self.metrics.timed_loader(Servable), on_event=self._on_event)
+        self.manager = ModelManager(loader=self.metrics.timed_loader(Servable), on_event=self._on_event,
+                                    max_load_retries=max(cfg.max_num_load_retries, 0),
+                                    load_retry_interval=cfg.load_retry_interval_micros / 1e6)
         self.core = DataPlane(self.manager, self.metrics, batcher, cfg.enable_serialization_as_tensor_content)
         if cfg.enable_model_warmup:
             self.manager.warmup = self.core.warmup  # the core replays the records; it needs the manager first
@@ -274,18 +314,32 @@ class EmbeddedServer:
         self.health = self.grpc.health
         self.rest = None
         if cfg.rest_api_port:
-            api = RestApi(self.core, self.monitoring_path, cfg.rest_api_timeout_in_ms / 1000)
-            self.rest = RestServer(api, cfg.host, max(cfg.rest_api_port, 0), cfg.max_request_bytes)
+            self.rest = self._build_rest()
         self._stopped = threading.Event()
 
     def _build_grpc(self) -> GrpcServer:
         cfg = self.cfg
+        if not 0 <= cfg.port <= 65535:  # grpc would take 70000 modulo 65536 and listen on 4464
+            raise StartupError(f"--port={cfg.port} is not a TCP port: use 1-65535 (0 picks a free one)")
         addresses = [f"{cfg.host}:{cfg.port}"] + ([f"unix:{cfg.grpc_socket_path}"] if cfg.grpc_socket_path else [])
         threads = cfg.grpc_max_threads or 4 * (os.cpu_count() or 1)
         server = GrpcServer(self.core, addresses, channel_options(cfg), threads,
                             cfg.enable_grpc_healthcheck_service, server_credentials(cfg))
         self.grpc_port = server.ports[0]
         return server
+
+    def _build_rest(self) -> RestServer:
+        cfg = self.cfg
+        if not -1 <= cfg.rest_api_port <= 65535:
+            raise config_files.ConfigFileError(f"--rest_api_port={cfg.rest_api_port} is out of range: give 1-65535, "
+                                               "0 for no REST server or -1 for a free port")
+        api = RestApi(self.core, self.monitoring_path, cfg.rest_api_timeout_in_ms / 1000)
+        threads = cfg.rest_api_num_threads or 4 * (os.cpu_count() or 1)
+        try:
+            return RestServer(api, cfg.host, max(cfg.rest_api_port, 0), cfg.max_request_bytes, threads)
+        except OSError as e:
+            raise config_files.ConfigFileError(f"--rest_api_port={cfg.rest_api_port}: cannot listen on "
+                                               f"{cfg.host}:{cfg.rest_api_port}: {e.strerror}") from None
 
     def _on_event(self, event: str, name: str, version: int) -> None:
         if self.health is not None:
@@ -311,22 +365,27 @@ class EmbeddedServer:
         while not self._stopped.wait(self.cfg.model_config_file_poll_wait_seconds):
             try:
                 text = Path(self.cfg.model_config_file).read_text()
-                if text != last:
-                    self.manager.reload(config_files.parse_model_config_text(text))
-                    last = text
-                    log.info("Reloaded model config from %s", self.cfg.model_config_file)
+                if text == last:
+                    continue
+                # Tried once per edit: a reload that fails (all or nothing) would otherwise load
+                # and discard the new models at every poll.
+                last = text
+                self.manager.reload(config_files.parse_model_config_text(text))
+                log.info("Reloaded model config from %s", self.cfg.model_config_file)
             except Exception as e:  # noqa: BLE001 - keep serving the old set; say why
                 log.error("Not reloading %s: %s", self.cfg.model_config_file, e)
 
     def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
-        """Stops taking requests, lets the ones in flight finish, then exits."""
+        """Health says NOT_SERVING, both ports refuse new requests at once, the ones in flight
+        get `grace` seconds to finish, then batching stops."""
         self._stopped.set()
         if self.health:
             self.health.shutdown()
         self.manager.stop()
+        grpc_drained = self.grpc.begin_stop(grace)  # before REST's drain: no new gRPC calls meanwhile
         if self.rest:
             self.rest.stop(grace)
-        self.grpc.stop(grace)
+        grpc_drained()
         if self.core.batcher:
             self.core.batcher.stop()
 
@@ -343,7 +402,7 @@ def main(argv: list[str]) -> int:
             if cfg.engine == "tfserving":
                 raise config_files.ConfigFileError(f"--engine tfserving: {TF_SERVING_BINARY} is not on PATH")
         server = EmbeddedServer(cfg)
-    except config_files.ConfigFileError as e:
+    except (config_files.ConfigFileError, StartupError) as e:
         print(f"aekit serve: {e}", file=sys.stderr)
         return 1
     stop = threading.Event()

@@ -6,26 +6,34 @@
     POST ...:classify / ...:regress                        {"examples": [...]}
     GET  <prometheus path>                                 metrics, when monitoring is configured
 
-Errors are {"error": "<message>"} with the HTTP status of the gRPC code (serving.errors).
+Errors are {"error": "<message>"} with the HTTP status of the gRPC code (serving.errors); HTTP
+protocol errors too (400, 408, 413, 414, 431). RestApi maps requests to the DataPlane; RestServer
+only carries bytes, on aiohttp's HTTP/1.1 server (limits and timeouts below).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
+import reprlib
+import resource
+import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent import futures
+from http import HTTPStatus
 
 import grpc
 import numpy as np
+from aiohttp import http_exceptions, web
 from google.protobuf import json_format
 from tensorflow.core.example import example_pb2, feature_pb2
 from tensorflow_serving.apis import input_pb2, model_pb2
 
 from serving.core import DataPlane
 from serving.errors import ServingError, invalid_argument
-from serving.grpc_server import status_response
+from serving.grpc_server import _new_event_loop, status_response
 from serving.servable import DEFAULT_SIGNATURE
 from serving.tensors import decode_strings, dumps, json_to_ndarray, loads, ndarray_to_json
 
@@ -34,11 +42,14 @@ log = logging.getLogger(__name__)
 # The same patterns as TF Serving's http_rest_api_handler.cc.
 PREDICT_RE = re.compile(r"(?i)/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?:(classify|regress|predict)")
 GET_RE = re.compile(r"(?i)/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:/(metadata))?")
+INT64_MAX = 2**63 - 1
 
 
 def _spec(name: str, version: str | None, label: str | None, signature: str = "") -> model_pb2.ModelSpec:
     spec = model_pb2.ModelSpec(name=name, signature_name=signature)
     if version:
+        if int(version) > INT64_MAX:  # TF Serving's message (http_rest_api_handler.cc, SimpleAtoi)
+            raise invalid_argument(f"Failed to convert version: {version} to numeric.")
         spec.version.value = int(version)
     elif label:
         spec.version_label = label
@@ -55,25 +66,9 @@ class RestApi:
 
     def __init__(self, core: DataPlane, metrics_path: str | None, timeout_seconds: float):
         self.core, self.metrics_path, self.timeout = core, metrics_path, timeout_seconds
-        self._in_flight = 0
-        self._idle = threading.Condition()
-
-    def wait_idle(self, timeout: float) -> bool:
-        with self._idle:
-            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
 
     def handle(self, method: str, path: str, body: bytes) -> tuple[int, str, bytes]:
-        """Returns (status, content type, body) for one request; never raises."""
-        with self._idle:
-            self._in_flight += 1
-        try:
-            return self._handle(method, path, body)
-        finally:
-            with self._idle:
-                self._in_flight -= 1
-                self._idle.notify_all()
-
-    def _handle(self, method: str, path: str, body: bytes) -> tuple[int, str, bytes]:
+        """Returns (status, content type, body) for one request of any method; never raises."""
         try:
             if method == "GET" and self.metrics_path and path == self.metrics_path:
                 return 200, "text/plain; version=0.0.4", self.core.metrics.exposition()
@@ -102,6 +97,9 @@ class RestApi:
                 if metadata:
                     return self.metadata(spec)
                 return _proto_json(status_response(self.core.status(spec)))
+        # Every method reaches here, as in TF Serving: its HTTP server hands any request under
+        # /v1/ to HttpRestApiHandler::ProcessRequest (http_server.cc, RestApiRequestDispatcher),
+        # which answers 400 "Malformed request" unless it is a POST :predict/... or a GET.
         if path.lower().startswith("/v1/"):
             raise invalid_argument(f"Malformed request: {method} {path}")
         raise ServingError(grpc.StatusCode.NOT_FOUND, f"Not found: {method} {path}")
@@ -135,10 +133,7 @@ class RestApi:
 
 
 def _parse_json(body: bytes) -> dict:
-    try:
-        value = loads(body or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise invalid_argument(f"JSON Parse error: {e}") from None
+    value = loads(body or b"null")
     if not isinstance(value, dict):
         raise invalid_argument("JSON Value: the request body must be a JSON object")
     return value
@@ -158,10 +153,18 @@ def _row_inputs(instances, signature) -> dict[str, np.ndarray]:
     for i, instance in enumerate(instances):
         if set(instance) != set(aliases):
             raise invalid_argument(f"Failed to process element: {i} of 'instances' list. JSON object: "
-                                   f"{json.dumps(instance)[:200]} keys must be equal to the input names "
+                                   f"{_preview(instance)} keys must be equal to the input names "
                                    f"{sorted(aliases)}")
     return {alias: json_to_ndarray([inst[alias] for inst in instances], signature.inputs[alias].dtype, alias)
             for alias in aliases}
+
+
+def _preview(value) -> str:
+    """The start of `value` as JSON for an error message (a deeply nested one too)."""
+    try:
+        return json.dumps(value)[:200]
+    except (RecursionError, ValueError):
+        return reprlib.repr(value)
 
 
 def _columnar_inputs(inputs, signature) -> dict[str, np.ndarray]:
@@ -227,59 +230,174 @@ def _example(features) -> example_pb2.Example:
     return example
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as TF Serving's HTTP server
-    # Headers and body go out in separate writes: with Nagle on, the client's delayed ACK
-    # would add ~40 ms to every response.
-    disable_nagle_algorithm = True
-    api: RestApi
-    max_body_bytes: int
 
-    def do_GET(self):
-        self._serve("GET", b"")
+# ---- transport: aiohttp's HTTP/1.1 server carries the bytes, RestApi maps them -----------------
+# Limits (README, "Operating it"). aiohttp parses HTTP/1.1 (llhttp): a body on any method and
+# chunked bodies are read as part of their request, never as the next one.
+IDLE_TIMEOUT_SECONDS = 30.0  # a connection without a request in progress closes after this,
+#                              also one that never sends a request or sends its headers slowly
+BODY_TIMEOUT_SECONDS = 30.0  # a request's body must arrive within this (else 408)
+MAX_REQUEST_LINE_BYTES = 8190  # method, path and version (else 414); aiohttp's default
+MAX_HEADER_BYTES = 8190  # one header line (else 431); aiohttp's default
+LISTEN_BACKLOG = 1024  # many clients connect at once
+LINGER_SECONDS = 2.0  # after an error with a body left unread, read and drop it this long so the
+#                       client sees the error response before the close (aiohttp's default is 10)
+SERVER_HEADER = "aekit"  # aiohttp's default names the Python and aiohttp versions
 
-    def do_POST(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > self.max_body_bytes:
-            self._send(429, "application/json", dumps(
-                {"error": f"Request body of {length} bytes exceeds the limit of {self.max_body_bytes} "
-                          "bytes; send smaller batches"}), close=True)
-            return
-        self._serve("POST", self.rfile.read(length))
 
-    def _serve(self, method: str, body: bytes):
-        status, content_type, payload = self.api.handle(method, self.path.split("?", 1)[0], body)
-        self._send(status, content_type, payload)
+def default_max_connections() -> int:
+    """Half the process's file limit: connections can never take the descriptors that model
+    files, gRPC and the version poller need (1,100 idle clients under a 1,024 limit did)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(8, (soft if soft != resource.RLIM_INFINITY else 65536) // 2)
 
-    def _send(self, status: int, content_type: str, payload: bytes, close: bool = False):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(payload)))
-        if close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(payload)
 
-    def log_message(self, fmt, *args):  # access logs only at debug level
-        log.debug("%s " + fmt, self.address_string(), *args)
+def _response(status: int, payload: bytes, content_type: str = "application/json",
+              close: bool = False) -> web.Response:
+    response = web.Response(status=status, body=payload, headers={"Content-Type": content_type,
+                                                                  "Server": SERVER_HEADER})
+    if close:
+        response.force_close()  # sends Connection: close, then closes
+    return response
+
+
+def _error(status: int, message: str) -> web.Response:
+    # A protocol error leaves the connection's state unknown (e.g. a body not read): close it.
+    return _response(status, dumps({"error": message}), close=True)
+
+
+def _protocol_error(status: int, exc: BaseException | None, message: str | None) -> tuple[int, str]:
+    """The status and one-line message for a request aiohttp could not parse. A line too long is
+    414 (the request line: its data is the path) or 431 (a header); aiohttp answers 400 for both."""
+    if isinstance(exc, http_exceptions.LineTooLong):
+        line, limit = exc.args[0], exc.args[1]
+        if bytes(line[:1]) == b"/":
+            return 414, f"The request line is longer than {limit} bytes"
+        return 431, f"A request header is longer than {limit} bytes"
+    first_line = (message or str(exc or "") or HTTPStatus(status).phrase).splitlines()[0].rstrip(":")
+    return status, f"Malformed HTTP request: {first_line}"
+
+
+class _ConnectionHandler(web.RequestHandler):
+    """aiohttp's connection handler, with protocol errors as TF Serving's {"error": ...} JSON."""
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # as aiohttp: a response has started, nothing to send
+            raise ConnectionError("error after the response started")
+        if status >= 500:
+            log.error("REST transport error", exc_info=exc)
+            return _error(status, f"internal error: {exc}")
+        log.debug("bad HTTP request: %s", message or exc)
+        return _error(*_protocol_error(status, exc, message))
+
+
+class _CappedServer(web.Server):
+    """aiohttp's low-level server with a connection cap: over it, the oldest idle connection is
+    closed (the newcomer if every connection has a request in progress), so idle clients cannot
+    starve real ones of descriptors."""
+
+    def __init__(self, handler, max_connections: int, **kwargs):
+        super().__init__(handler, **kwargs)
+        self.max_connections = max_connections
+        self.busy: set[web.RequestHandler] = set()
+
+    def __call__(self) -> web.RequestHandler:
+        return _ConnectionHandler(self, loop=self._loop, **self._kwargs)
+
+    def connection_made(self, handler: web.RequestHandler, transport) -> None:
+        super().connection_made(handler, transport)
+        # A closed connection stays listed until its task ends: count the open ones.
+        connections = [c for c in self.connections if c.transport is not None]
+        if len(connections) > self.max_connections:
+            victim = next((c for c in connections if c not in self.busy), handler)
+            log.debug("REST connection cap %d reached: closing an idle connection", self.max_connections)
+            victim.force_close()
 
 
 class RestServer:
-    def __init__(self, api: RestApi, host: str, port: int, max_body_bytes: int):
-        self.api = api
-        handler = type("Handler", (_Handler,), {"api": api, "max_body_bytes": max_body_bytes})
-        ThreadingHTTPServer.request_queue_size = 1024  # listen backlog: many clients connect at once
-        self.httpd = ThreadingHTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="rest", daemon=True)
+    """RestApi over HTTP/1.1 on (host, port), on its own event loop thread; model calls run in a
+    pool of `threads`. Bound at construction (OSError if the port is taken), served after start()."""
+
+    def __init__(self, api: RestApi, host: str, port: int, max_body_bytes: int, threads: int,
+                 idle_timeout: float = IDLE_TIMEOUT_SECONDS, body_timeout: float = BODY_TIMEOUT_SECONDS,
+                 max_connections: int | None = None):
+        self.api, self.max_body_bytes, self.body_timeout = api, max_body_bytes, body_timeout
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections or default_max_connections()
+        self._socket = socket.create_server((host, port), backlog=LISTEN_BACKLOG)
+        self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.port = self._socket.getsockname()[1]
+        self._pool = futures.ThreadPoolExecutor(threads, thread_name_prefix="rest")
+        self._loop = _new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="rest", daemon=True)
+        self._draining = False
 
     def start(self) -> None:
         self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._serve(), self._loop).result()
+
+    async def _serve(self) -> None:
+        self._web = _CappedServer(
+            self._handle, self.max_connections, loop=self._loop, request_factory=self._make_request,
+            keepalive_timeout=self.idle_timeout, max_line_size=MAX_REQUEST_LINE_BYTES,
+            max_field_size=MAX_HEADER_BYTES, lingering_time=LINGER_SECONDS, access_log=None)
+        self._listener = await self._loop.create_server(self._web, sock=self._socket, backlog=LISTEN_BACKLOG)
+
+    def _make_request(self, message, payload, protocol, writer, task) -> web.BaseRequest:
+        return web.BaseRequest(message, payload, protocol, writer, task, self._loop,
+                               client_max_size=self.max_body_bytes)
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        self._web.busy.add(request.protocol)
+        try:
+            body = await self._read_body(request)
+            if isinstance(body, web.Response):
+                return body
+            path = request.raw_path.split("?", 1)[0]
+            status, content_type, payload = await self._loop.run_in_executor(
+                self._pool, self.api.handle, request.method, path, body)
+            return _response(status, payload, content_type, close=self._draining)
+        finally:
+            self._web.busy.discard(request.protocol)
+
+    async def _read_body(self, request: web.BaseRequest) -> bytes | web.Response:
+        """The whole body (Content-Length or chunked), or the error response to send instead."""
+        if (request.content_length or 0) > self.max_body_bytes:
+            return self._too_large(request.content_length)
+        try:
+            return await asyncio.wait_for(request.read(), self.body_timeout)
+        except web.HTTPRequestEntityTooLarge:
+            return self._too_large(None)
+        except asyncio.TimeoutError:
+            return _error(408, f"The request body did not arrive within {self.body_timeout:g} s")
+        except http_exceptions.HttpProcessingError as e:  # e.g. bad chunked encoding
+            return _error(400, f"Malformed HTTP request body: {e.message}")
+
+    def _too_large(self, length: int | None) -> web.Response:
+        size = f"of {length} bytes " if length is not None else ""
+        return _error(413, f"Request body {size}exceeds the limit of {self.max_body_bytes} bytes "
+                           "(--max_request_bytes); send smaller batches")
 
     def stop(self, grace: float) -> None:
-        """Stops accepting, then waits up to `grace` seconds for requests in flight."""
-        self.httpd.shutdown()
-        self.api.wait_idle(grace)
-        self.httpd.server_close()
+        """Stops accepting, answers open keep-alive connections with `Connection: close`, lets the
+        requests in flight finish (up to `grace` seconds), then closes."""
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._drain(grace), self._loop).result(grace + 5)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+        self._pool.shutdown(wait=False)
+        self._socket.close()
+
+    async def _drain(self, grace: float) -> None:
+        # Not aiohttp's own pre_shutdown/shutdown: those stop reading at once, so a request whose
+        # body is still arriving could never finish.
+        self._draining = True  # every response from now on says Connection: close
+        self._listener.close()
+        for connection in self._web.connections:
+            if connection not in self._web.busy:
+                connection.force_close()  # idle: closes now (a request it had only begun is dropped)
+        deadline = self._loop.time() + grace
+        while self._web.busy and self._loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await self._web.shutdown(0.1)  # what is still running after the grace period is cancelled

@@ -9,8 +9,8 @@ Signatures come from saved_model.pb itself, so metadata is exactly what TF Servi
 from __future__ import annotations
 
 import functools
+import posixpath
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
@@ -27,14 +27,15 @@ class LoadError(RuntimeError):
     """A version that cannot be served; its message becomes the version's status."""
 
 
-def read_serve_meta_graph(version_dir: Path) -> meta_graph_pb2.MetaGraphDef:
-    """The MetaGraph tagged 'serve', read from saved_model.pb."""
-    pb = version_dir / "saved_model.pb"
-    if not pb.is_file():
+def read_serve_meta_graph(version_dir: str) -> meta_graph_pb2.MetaGraphDef:
+    """The MetaGraph tagged 'serve', read from saved_model.pb (through tf.io.gfile: any filesystem)."""
+    pb = posixpath.join(str(version_dir), "saved_model.pb")
+    if not tf.io.gfile.exists(pb):
         raise LoadError(f"{version_dir} has no saved_model.pb")
     model = saved_model_pb2.SavedModel()
     try:
-        model.ParseFromString(pb.read_bytes())
+        with tf.io.gfile.GFile(pb, "rb") as f:
+            model.ParseFromString(f.read())
     except Exception as e:  # a truncated or foreign file
         raise LoadError(f"{pb} is not a SavedModel: {e}") from None
     for meta_graph in model.meta_graphs:
@@ -61,8 +62,8 @@ def dtype_name(dtype_enum: int) -> str:
 class Servable:
     """A loaded version. `run` takes checked numpy inputs keyed by alias, returns outputs by alias."""
 
-    def __init__(self, name: str, version: int, path: Path):
-        self.name, self.version, self.path = name, version, Path(path)
+    def __init__(self, name: str, version: int, path: str):
+        self.name, self.version, self.path = name, version, str(path)  # a gfile path: never pathlib
         meta_graph = read_serve_meta_graph(self.path)
         # All of them, __saved_model_init_op included: TF Serving's metadata lists it too.
         self.signature_defs = dict(meta_graph.signature_def)
@@ -99,6 +100,9 @@ class Servable:
 
     def signature(self, name: str) -> meta_graph_pb2.SignatureDef:
         name = name or DEFAULT_SIGNATURE
+        if name == INIT_OP_SIGNATURE:  # listed in metadata, but it initializes; there is nothing to run
+            raise failed_precondition(f'Serving signature key "{name}" is the SavedModel\'s initializer, '
+                                      'not a signature that can be called.')
         if name not in self.signature_defs:
             raise failed_precondition(f'Serving signature key "{name}" not found.')
         return self._checked_signatures[name]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 
 import numpy as np
 import orjson
@@ -26,6 +27,7 @@ _NUMPY_TO_ENUM = {np.dtype(tf.dtypes.as_dtype(e).as_numpy_dtype): e for e in (
     types_pb2.DT_INT8, types_pb2.DT_INT16, types_pb2.DT_UINT16, types_pb2.DT_BOOL, types_pb2.DT_HALF,
     types_pb2.DT_UINT32, types_pb2.DT_UINT64)}
 _ENUM_TO_NUMPY = {e: d for d, e in _NUMPY_TO_ENUM.items()}
+MAX_DIMS = 64  # numpy's limit on an array's dimensions
 
 
 # The typed field Tensor::AsProtoField (tensorflow/core/framework/tensor.cc, ProtoHelper<T>)
@@ -85,16 +87,97 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def proto_to_ndarray(proto: tensor_pb2.TensorProto, alias: str = "") -> np.ndarray:
-    shape = [d.size for d in proto.tensor_shape.dim]
-    if any(d < 0 for d in shape):
-        raise invalid_argument(f"input '{alias}' has an unknown dimension in its TensorProto shape {shape}")
+# What a request tensor may carry, by dtype: its numpy dtype and the typed field its values travel
+# in when it does not use tensor_content (tensor.proto); HALF and BFLOAT16 travel as 16-bit
+# patterns in the int32 half_val field, complex numbers as (real, imaginary) pairs.
+_WIRE = {e: (d, f) for e, d, f in (
+    (types_pb2.DT_FLOAT, np.float32, "float_val"), (types_pb2.DT_DOUBLE, np.float64, "double_val"),
+    (types_pb2.DT_INT32, np.int32, "int_val"), (types_pb2.DT_INT16, np.int16, "int_val"),
+    (types_pb2.DT_INT8, np.int8, "int_val"), (types_pb2.DT_UINT8, np.uint8, "int_val"),
+    (types_pb2.DT_UINT16, np.uint16, "int_val"), (types_pb2.DT_INT64, np.int64, "int64_val"),
+    (types_pb2.DT_UINT32, np.uint32, "uint32_val"), (types_pb2.DT_UINT64, np.uint64, "uint64_val"),
+    (types_pb2.DT_BOOL, np.bool_, "bool_val"), (types_pb2.DT_HALF, np.float16, "half_val"),
+    (types_pb2.DT_BFLOAT16, tf.bfloat16.as_numpy_dtype, "half_val"),
+    (types_pb2.DT_COMPLEX64, np.complex64, "scomplex_val"), (types_pb2.DT_COMPLEX128, np.complex128, "dcomplex_val"),
+    (types_pb2.DT_STRING, np.object_, "string_val"))}
+# TensorFlow fills a tensor that sends fewer typed values than its shape holds with the last
+# value (zeros when none; tensor.cc FromProtoField), and tf.make_tensor_proto(0.0, shape=[3])
+# relies on it. Accepted up to this size: beyond it a 35-byte request could allocate gigabytes.
+BROADCAST_LIMIT_BYTES = 1 << 20
+MAX_RANK = 64  # numpy's limit (TensorFlow's is 254)
+
+
+def proto_to_ndarray(proto: tensor_pb2.TensorProto, alias: str = "", max_bytes: int | None = None) -> np.ndarray:
+    """The array a TensorProto holds, from `tensor_content` or the typed `*_val` fields.
+
+    Sizes are checked before anything is allocated: the declared shape must match the bytes or
+    values sent (or be a small broadcast, see BROADCAST_LIMIT_BYTES) and decode to at most
+    `max_bytes` (the server's request limit) when given. Mistakes are INVALID_ARGUMENT naming
+    the input.
+    """
+    name = f"input '{alias}'"
     try:
-        if proto.tensor_content and proto.dtype in _ENUM_TO_NUMPY:
-            return np.frombuffer(proto.tensor_content, dtype=_ENUM_TO_NUMPY[proto.dtype]).reshape(shape)
-        return tf.make_ndarray(proto)
-    except (TypeError, ValueError) as e:
-        raise invalid_argument(f"input '{alias}' is not a valid TensorProto: {e}") from None
+        return _decode(proto, name, max_bytes)
+    except (TypeError, ValueError) as e:  # numpy's own limits, e.g. an empty [0, 2**62, 2**62]
+        raise invalid_argument(f"{name} is not a valid TensorProto: {e}") from None
+
+
+def _decode(proto: tensor_pb2.TensorProto, name: str, max_bytes: int | None) -> np.ndarray:
+    dtype, field = _wire_type(proto.dtype, name)
+    shape = _checked_shape(proto, name)
+    count = math.prod(shape)
+    size = count * dtype.itemsize  # a string element is a pointer
+    if max_bytes is not None and size > max_bytes:
+        raise invalid_argument(f"{name} declares shape {shape}, {size} bytes: over the server's request "
+                               f"limit of {max_bytes} bytes")
+    if proto.tensor_content:
+        return _from_content(proto, dtype, shape, size, name)
+    values = getattr(proto, field)
+    sent = len(values) // (2 if dtype.kind == "c" else 1)
+    if sent > count:
+        raise invalid_argument(f"{name} sends {sent} values but its shape {shape} holds {count}")
+    if sent < count and size > BROADCAST_LIMIT_BYTES:
+        raise invalid_argument(f"{name} declares shape {shape} ({count} values) but sends {sent}; send all "
+                               f"of them (filling with the last value is accepted up to "
+                               f"{BROADCAST_LIMIT_BYTES} bytes)")
+    if sent < count or dtype.kind in "Oc" or proto.dtype == types_pb2.DT_BFLOAT16:
+        return tf.make_ndarray(proto)  # rare in requests, and now known to be small
+    values = np.asarray(values)  # a buffer copy, ~400x faster than make_ndarray's Python loop
+    if proto.dtype == types_pb2.DT_HALF:
+        values = values.astype(np.uint16).view(np.float16)
+    return values.astype(dtype, copy=False).reshape(shape)
+
+
+def _wire_type(dtype_enum: int, name: str) -> tuple[np.dtype, str]:
+    if dtype_enum in _WIRE:
+        dtype, field = _WIRE[dtype_enum]
+        return np.dtype(dtype), field
+    label = types_pb2.DataType.Name(dtype_enum) if dtype_enum in types_pb2.DataType.values() else \
+        f"enum value {dtype_enum}"
+    raise invalid_argument(f"{name} has dtype {label}, which a request cannot carry; send a numeric, bool, "
+                           "complex or string tensor")
+
+
+def _checked_shape(proto: tensor_pb2.TensorProto, name: str) -> list[int]:
+    if proto.tensor_shape.unknown_rank:
+        raise invalid_argument(f"{name} has an unknown rank in its TensorProto shape; send its full shape")
+    shape = [d.size for d in proto.tensor_shape.dim]
+    if len(shape) > MAX_RANK:
+        raise invalid_argument(f"{name} has rank {len(shape)}; at most {MAX_RANK} dimensions are supported")
+    if any(d < 0 for d in shape):
+        raise invalid_argument(f"{name} has an unknown dimension in its TensorProto shape {shape}")
+    return shape
+
+
+def _from_content(proto: tensor_pb2.TensorProto, dtype: np.dtype, shape: list[int], size: int,
+                  name: str) -> np.ndarray:
+    if dtype.kind == "O":
+        raise invalid_argument(f"{name} is a string tensor in tensor_content; send strings in string_val")
+    if len(proto.tensor_content) != size:
+        raise invalid_argument(f"{name} declares shape {shape} ({size} bytes of "
+                               f"{types_pb2.DataType.Name(proto.dtype)}) but sends {len(proto.tensor_content)} "
+                               "bytes of tensor_content")
+    return np.frombuffer(proto.tensor_content, dtype=dtype).reshape(shape)
 
 
 # ---- JSON (REST) ------------------------------------------------------------------------------
@@ -106,21 +189,39 @@ def dumps(value) -> bytes:
 
 
 def loads(text: bytes):
+    """The JSON value of `text`; a ServingError (INVALID_ARGUMENT) naming what is wrong if it is
+    not JSON, nests deeper than orjson's 1,024 levels, or holds a lone UTF-16 surrogate."""
     try:
         return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)  # NaN, Infinity; raises json.JSONDecodeError if it is not JSON at all
+    except orjson.JSONDecodeError as e:
+        strict_error = e
+    try:
+        value = json.loads(text)  # NaN, Infinity
+    except RecursionError:
+        raise invalid_argument("JSON Parse error: the value is nested too deeply") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise invalid_argument(f"JSON Parse error: {strict_error}") from None
+    try:  # the standard library lets lone surrogates ("\ud800") through; nothing downstream can encode them
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        raise invalid_argument(f"JSON Parse error: {strict_error}") from None
+    return value
 
 
 def json_to_ndarray(value, dtype_enum: int, alias: str) -> np.ndarray:
     """Converts a JSON value to an array of the signature's dtype, with a clear error if it can't."""
-    if dtype_enum == types_pb2.DT_STRING:
-        return np.asarray(decode_strings(value, alias), dtype=object)
-    dtype = np.dtype(tf.dtypes.as_dtype(dtype_enum).as_numpy_dtype)
     try:
+        if dtype_enum == types_pb2.DT_STRING:
+            return np.asarray(decode_strings(value, alias), dtype=object)
         array = np.asarray(value)
-    except ValueError:
+    except RecursionError:
+        raise invalid_argument(f"input '{alias}' is nested too deeply") from None
+    except ValueError as e:
+        if "maximum number of dimension" in str(e):
+            raise invalid_argument(f"input '{alias}' is nested more than {MAX_DIMS} lists deep: a tensor "
+                                   f"has at most {MAX_DIMS} dimensions") from None
         raise invalid_argument(f"input '{alias}' is a ragged list: every element must have the same shape") from None
+    dtype = np.dtype(tf.dtypes.as_dtype(dtype_enum).as_numpy_dtype)
     if array.dtype == object:
         raise invalid_argument(f"input '{alias}' is a ragged list or mixes types: every element must be a "
                                f"number of the same shape ({tf.dtypes.as_dtype(dtype_enum).name})")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from training import anomaly, data, export, jobs
+from training import anomaly, convert, data, export, jobs
 from training.config import ConfigError, TrainConfig
 from training.evaluate import latest_version_dir
 
@@ -80,11 +80,12 @@ def one_class_run(tmp_path_factory):
 def test_training_on_normal_classes_calibrates_on_held_out_normal_data(one_class_run):
     cfg, result = one_class_run
     loaded = tf.saved_model.load(result["export"])
-    normal = jobs.load_training_arrays(cfg)
-    assert set(normal.y_train.tolist()) == set(normal.y_test.tolist()) == {1}
-    scores = anomaly.score_examples(loaded.signatures["score"], normal.x_test)
+    normal = jobs.load_training_source(cfg)
+    assert set(normal.train.y.tolist()) == set(normal.test.y.tolist()) == {1}
+    assert normal.test.count == len(normal.test.x)
+    scores = anomaly.score_examples(loaded.signatures["score"], normal.test.x)
     assert np.all(scores["threshold_fpr"] == np.float32(0.05))
-    assert int(np.sum(scores["is_anomaly"])) == int(np.floor(0.05 * len(normal.x_test)))
+    assert int(np.sum(scores["is_anomaly"])) == int(np.floor(0.05 * len(normal.test.x)))
 
 
 @pytest.mark.slow  # trains a small model once for the module (~15 s)
@@ -101,14 +102,18 @@ def test_error_map_has_the_input_shape_and_sums_to_error_times_pixels(one_class_
 def test_export_recalibrates_without_retraining(one_class_run):
     cfg, result = one_class_run
     before = tf.saved_model.load(result["export"])
-    after_dir = jobs.export_job(cfg.workdir, threshold_fpr=0.2)
-    after = tf.saved_model.load(str(after_dir))
+    same_dir, created = jobs.export_job(cfg.workdir)  # the same step and rate: already exported
+    assert (same_dir, created) == (result["export"], False)
+    after_dir, created = jobs.export_job(cfg.workdir, threshold_fpr=0.2)  # a new rate is a new version
+    assert created and after_dir != result["export"]
+    assert jobs.export_job(cfg.workdir, threshold_fpr=0.2) == (after_dir, False)
+    after = tf.saved_model.load(after_dir)
     x = anomaly.score_examples  # the same held-out normal digits through both versions
-    normal = jobs.load_training_arrays(cfg)
-    old, new = x(before.signatures["score"], normal.x_test), x(after.signatures["score"], normal.x_test)
+    normal = jobs.load_training_source(cfg).test.x
+    old, new = x(before.signatures["score"], normal), x(after.signatures["score"], normal)
     np.testing.assert_allclose(new["error"], old["error"], atol=1e-6)  # same weights
     assert np.all(new["threshold_fpr"] == np.float32(0.2)) and new["threshold"][0] < old["threshold"][0]
-    assert int(np.sum(new["is_anomaly"])) == int(np.floor(0.2 * len(normal.x_test)))
+    assert int(np.sum(new["is_anomaly"])) == int(np.floor(0.2 * len(normal)))
 
 
 @pytest.mark.slow  # trains a small model once for the module (~15 s)
@@ -129,3 +134,26 @@ def test_evaluate_anomaly_reports_detection_quality(one_class_run, tmp_path):
     with pytest.raises(ConfigError, match="one of --normal-classes"):
         anomaly.evaluate_anomaly(cfg.model_base_path, "mnist-sample")
     json.dumps(report)
+
+
+@pytest.mark.slow  # trains a small model once for the module (~15 s)
+def test_evaluate_anomaly_streams_a_tfrecord_source_like_the_same_data_in_memory(one_class_run, tmp_path):
+    cfg, _ = one_class_run
+    convert.convert("mnist-sample", str(tmp_path / "shards"), shards=4)
+    streamed = anomaly.evaluate_anomaly(cfg.model_base_path, f"tfrecord:{tmp_path / 'shards'}", normal_classes="1")
+    in_memory = anomaly.evaluate_anomaly(cfg.model_base_path, "mnist-sample", normal_classes="1")
+    assert streamed == pytest.approx(in_memory)
+
+
+def test_normal_classes_on_a_streamed_source_is_refused_with_what_to_do(tmp_path):
+    convert.convert("mnist-sample", str(tmp_path / "shards"), shards=2)
+    cfg = TrainConfig(dataset=f"tfrecord:{tmp_path / 'shards'}", normal_classes="1", workdir=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match="filters in-memory sources only.*own TFRecord files"):
+        jobs.load_training_source(cfg)
+    with pytest.raises(ConfigError, match="filters in-memory sources only"):
+        jobs.train_job(cfg)
+
+
+def test_normal_classes_filters_an_in_memory_source_with_its_counts():
+    source = anomaly.normal_source(labelled([1, 2, 1, 3], [2, 1, 3]).source("toy"), (1,), "toy")
+    assert (source.train.count, source.test.count) == (2, 1) and source.train.y.tolist() == [1, 1]

@@ -8,7 +8,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from training import data
+from training import data, records
 from training.config import ConfigError
 
 
@@ -21,15 +21,29 @@ def test_mnist_sample_split_is_fixed_4000_1000_and_shuffled():
     assert len(np.unique(a.y_test)) == 10  # shuffled before splitting (the source is sorted by class)
 
 
-def test_tfds_offline_with_mock_data():
-    with tfds.testing.mock_data(num_examples=12):
-        arrays = data.load_arrays("tfds:mnist")
-    assert arrays.x_train.shape[1:] == (28, 28, 1) and len(arrays.x_train) == 12
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    """A real prepared TFDS dataset (TFDS's own DummyMnist builder: generated offline, ~10 s)."""
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    tfds.testing.DummyMnist(data_dir=data_dir).download_and_prepare()
+    return data_dir
+
+
+@pytest.mark.slow
+def test_tfds_is_streamed_from_its_own_shard_files(tfds_dir):
+    source = data.load_source("tfds:dummy_mnist", data_dir=tfds_dir)
+    assert source.input_shape == (28, 28, 1) and source.train.count == 20 and not source.train.in_memory
+    assert all(f.startswith(tfds_dir) and ".tfrecord" in f for f in source.train.files)
+    builder = tfds.builder("dummy_mnist", data_dir=tfds_dir)
+    expected = np.stack([e["image"] for e in tfds.as_numpy(builder.as_dataset(split="train"))])
+    streamed = np.concatenate([c.numpy() for _, c in data.eval_dataset(source.train, 8)])
+    np.testing.assert_array_equal(np.sort((streamed * 255).round().astype(np.uint8).reshape(20, -1), axis=0),
+                                  np.sort(expected.reshape(20, -1), axis=0))  # decoded PNGs, exact pixels
 
 
 def test_tfds_missing_without_download_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="--download"):
-        data.load_arrays("tfds:mnist", data_dir=str(tmp_path))
+        data.load_source("tfds:mnist", data_dir=str(tmp_path))
 
 
 def test_npz_source(tmp_path):
@@ -76,13 +90,14 @@ def test_npy_vectors_and_range_check(tmp_path):
 
 @pytest.mark.parametrize("source, message", [
     ("imagenet-please", "unknown dataset"),
+    ("tfrecord:/nope/*.tfrecord", "matches no files"),
     ("missing/dir", "does not exist"),
     ("npz:/nope.npz", "does not exist"),
     ("/nope.npy", "does not exist"),
 ])
 def test_bad_sources(source, message):
     with pytest.raises(ConfigError, match=message):
-        data.load_arrays(source)
+        data.load_source(source)
 
 
 def test_empty_dataset(tmp_path):
@@ -154,3 +169,109 @@ def test_steps_per_epoch_refuses_a_batch_larger_than_the_data():
     assert data.steps_per_epoch(100, 32) == 3
     with pytest.raises(ConfigError, match="lower --batch-size"):
         data.steps_per_epoch(10, 32)
+
+
+def test_object_and_garbage_npy_and_corrupt_images_are_one_clear_line(tmp_path):
+    objects = tmp_path / "objects.npy"
+    np.save(objects, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    with pytest.raises(ConfigError, match=r"Python objects \(dtype=object\)"):
+        data.load_source(str(objects))
+    garbage = tmp_path / "garbage.npy"
+    garbage.write_bytes(b"this is not numpy at all" * 10)
+    with pytest.raises(ConfigError, match="is not a numeric NumPy file"):
+        data.load_source(str(garbage))
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "good.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    with pytest.raises(ConfigError, match="broken.png is corrupt"):
+        data.load_source(str(tmp_path))
+
+
+def test_in_memory_data_is_not_embedded_in_the_graph():
+    x = np.random.default_rng(0).integers(0, 255, (4000, 28, 28, 1), np.uint8)  # 3 MB of pixels
+    ds = data.make_dataset(x, 64, noise_factor=0.2)
+    policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+    graph = ds._as_serialized_graph(external_state_policy=policy).numpy()  # what tf.data ships and checks
+    assert len(graph) < 100_000  # from_tensor_slices / tf.constant would put x.nbytes (3.1 MB) here
+
+
+def test_noise_rows_are_drawn_alone_and_match_the_whole_batch():
+    seed = tf.constant([5, 2], tf.int64)
+    whole = data.gaussian_noise(tf.constant([8, 3, 5]), seed).numpy()
+    rows = data.gaussian_noise(tf.constant([3, 3, 5]), seed, first_row=4).numpy()
+    np.testing.assert_array_equal(rows, whole[4:7])
+
+
+def write_shards(folder, files: int, per_file: int) -> list[str]:
+    """TFRecord files whose examples hold their file's index in every pixel (to see who read what)."""
+    paths_ = []
+    for f in range(files):
+        path = str(folder / f"part-{f}.tfrecord")
+        with tf.io.TFRecordWriter(path) as writer:
+            for _ in range(per_file):
+                writer.write(records.image_example(np.full((2, 2, 1), f, np.uint8), label=f))
+        paths_.append(path)
+    return paths_
+
+
+def file_split(files):
+    fmt = records.RecordFormat("image", (2, 2, 1))
+    return data.Split(0, files=tuple(files), fmt=fmt)
+
+
+def values_of(ds, steps):
+    return [np.unique((b[1].numpy() * 255).round()).astype(int).tolist() for b in ds.take(steps)]
+
+
+def test_workers_on_shards_read_disjoint_files_and_together_equal_one_process(tmp_path):
+    split = file_split(write_shards(tmp_path, 4, 16))
+    one = [b[0].numpy() for b in data.make_dataset(split, 8, noise_factor=0.3, seed=1, input_groups=2).take(6)]
+    workers = [tf.distribute.InputContext(2, i, 2) for i in range(2)]
+    parts = [data.make_dataset(split, 8, noise_factor=0.3, seed=1, input_context=c).take(6) for c in workers]
+    for i, ds in enumerate(parts):
+        assert set(sum(values_of(ds, 6), [])) <= {i, i + 2}  # worker i reads files i and i + 2 only
+    for step, (a, b) in enumerate(zip(*parts)):
+        np.testing.assert_array_equal(np.concatenate([a[0], b[0]]), one[step])  # same rows, same noise
+    resumed = data.make_dataset(split, 8, noise_factor=0.3, seed=1, input_groups=2, skip_batches=4)
+    np.testing.assert_array_equal(next(iter(resumed))[0].numpy(), one[4])
+
+
+def test_fewer_files_than_workers_falls_back_to_every_nth_record(tmp_path):
+    split = file_split(write_shards(tmp_path, 1, 32))
+    contexts = [tf.distribute.InputContext(2, i, 2) for i in range(2)]
+    rows = [np.concatenate([b[1].numpy() for b in data.make_dataset(split, 8, input_context=c, training=False)])
+            for c in contexts]
+    assert len(rows[0]) == len(rows[1]) == 16  # each keeps every other record of the one file
+    with pytest.raises(ConfigError, match="divide the global batch"):
+        data.make_dataset(split, 9, input_groups=2)
+
+
+def test_convert_round_trip_is_exact(tmp_path):
+    from training import convert
+
+    source = data.load_arrays("mnist-sample")
+    metadata = convert.convert("mnist-sample", str(tmp_path / "shards"), shards=4)
+    assert metadata["splits"]["train"]["count"] == 4000 and metadata["splits"]["test"]["count"] == 1000
+    assert metadata["shape"] == [28, 28, 1] and metadata["dtype"] == "uint8"
+    assert metadata["split_seed"] == data.SPLIT_SEED
+    assert len(list((tmp_path / "shards").glob("train-*.tfrecord"))) == 4
+    back = data.to_arrays(data.load_source(f"tfrecord:{tmp_path / 'shards'}"))
+    for name in ("train", "test"):
+        want, got = getattr(source, f"x_{name}"), getattr(back, f"x_{name}")
+        order_w = np.lexsort(want.reshape(len(want), -1).T)
+        order_g = np.lexsort(got.reshape(len(got), -1).T)
+        np.testing.assert_array_equal(got[order_g], want[order_w])  # the same examples, bit for bit
+        np.testing.assert_array_equal(getattr(back, f"y_{name}")[order_g], getattr(source, f"y_{name}")[order_w])
+    with pytest.raises(ConfigError, match="already holds a converted dataset"):
+        convert.convert("mnist-sample", str(tmp_path / "shards"), shards=4)
+
+
+def test_convert_vectors_to_ram_and_a_glob_source(tmp_path):
+    from training import convert
+
+    path = tmp_path / "tab.npy"
+    np.save(path, np.random.default_rng(0).random((50, 6)).astype(np.float32))
+    convert.convert(str(path), "ram://converted/tab", shards=3)
+    source = data.load_source("tfrecord:ram://converted/tab")
+    assert source.input_shape == (6,) and source.train.count == 40
+    glob = data.load_source("tfrecord:ram://converted/tab/train-*.tfrecord")  # split by file
+    assert glob.train.count + glob.test.count == 40 and len(glob.test.files) == 1

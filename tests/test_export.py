@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
+from storage import paths
 from training import data, export, jobs, train
 from training.config import ConfigError, TrainConfig
 
@@ -26,8 +29,8 @@ def trained(tmp_path_factory):
 def test_export_signatures_match_keras(tmp_path, trained):
     cfg, state, arrays = trained
     cfg.model_base_path = str(tmp_path / "models")
-    version_dir = jobs.export_trained(state, cfg, arrays)
-    assert version_dir.name == "1"
+    version_dir, created = jobs.export_trained(state, cfg, arrays)
+    assert created and os.path.basename(version_dir) == "1"
     loaded = tf.saved_model.load(str(version_dir))
     assert set(loaded.signatures) == {"encode", "decode", "denoise", "score", "serving_default"}
 
@@ -60,9 +63,9 @@ def test_export_signatures_match_keras(tmp_path, trained):
 def test_warmup_file_has_records_for_every_signature(tmp_path, trained):
     cfg, state, arrays = trained
     cfg.model_base_path = str(tmp_path / "models")
-    version_dir = jobs.export_trained(state, cfg, arrays)
+    version_dir, _ = jobs.export_trained(state, cfg, arrays)
     records = [prediction_log_pb2.PredictionLog.FromString(r.numpy())
-               for r in tf.data.TFRecordDataset(str(version_dir / export.WARMUP_FILE))]
+               for r in tf.data.TFRecordDataset(os.path.join(version_dir, export.WARMUP_FILE))]
     names = [r.predict_log.request.model_spec.signature_name for r in records]
     assert set(names) == {"encode", "decode", "denoise", "score", "serving_default"}
     assert len(records) == 5 * export.WARMUP_RECORDS_PER_SIGNATURE
@@ -72,7 +75,7 @@ def test_versions_increase_and_only_version_folders_remain(tmp_path, trained):
     cfg, state, arrays = trained
     cfg.model_base_path = str(tmp_path / "models")
     (tmp_path / "models" / "7").mkdir(parents=True)
-    assert jobs.export_trained(state, cfg, arrays).name == "8"
+    assert os.path.basename(jobs.export_trained(state, cfg, arrays)[0]) == "8"
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["7", "8"]
 
 
@@ -128,3 +131,72 @@ def test_export_job_needs_a_trained_workdir(tmp_path):
     TrainConfig(workdir=str(tmp_path)).save(tmp_path)
     with pytest.raises(ConfigError, match="no checkpoint"):
         jobs.export_job(str(tmp_path))
+
+
+def test_rerunning_an_export_of_the_same_step_publishes_nothing_new_unless_forced(tmp_path, trained):
+    cfg, state, arrays = trained
+    cfg.model_base_path = str(tmp_path / "models")
+    first, created = jobs.export_trained(state, cfg, arrays)
+    again, created_again = jobs.export_trained(state, cfg, arrays)
+    assert created and not created_again and again == first
+    forced, created_forced = jobs.export_trained(state, cfg, arrays, force=True)
+    assert created_forced and os.path.basename(forced) == "2"
+    assert sorted(os.listdir(tmp_path / "models")) == ["1", "2"]
+
+
+def test_stale_staging_folders_are_removed_and_live_ones_kept(tmp_path, trained):
+    cfg, state, arrays = trained
+    base = tmp_path / "models"
+    cfg.model_base_path = str(base)
+    dead = subprocess_pid_that_exited()
+    host = socket.gethostname()
+    for name in (f".tmp-export-3-{host}-{dead}", f".tmp-export-4-{dead}", f".tmp-export-5-{host}-{os.getpid()}"):
+        (base / name / "variables").mkdir(parents=True)
+        (base / name / "variables" / "variables.index").write_bytes(b"half")
+    old = base / ".tmp-export-6-otherhost-12"
+    (old / "variables").mkdir(parents=True)
+    (old / "variables" / "x").write_bytes(b"half")
+    stamp = os.stat(old / "variables" / "x").st_mtime - export.STALE_STAGING_SECONDS - 10
+    os.utime(old / "variables" / "x", (stamp, stamp))
+    (base / ".tmp-export-7-otherhost-13").mkdir()  # another host's export, still fresh: kept
+    jobs.export_trained(state, cfg, arrays)
+    assert sorted(os.listdir(base)) == [".tmp-export-5-" + f"{host}-{os.getpid()}", ".tmp-export-7-otherhost-13", "1"]
+
+
+def subprocess_pid_that_exited() -> int:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_object_store_publish_copies_saved_model_pb_last(trained, monkeypatch):
+    cfg, state, arrays = trained
+    cfg.model_base_path = "ram://export-order/models"  # ram:// takes the object-store path (no rename)
+    copied, real_copy = [], tf.io.gfile.copy
+
+    def recording_copy(src, dst, overwrite=False):
+        copied.append(dst)
+        if dst.endswith("saved_model.pb"):  # at this moment every other file must be complete
+            staged = src[: -len("saved_model.pb")]
+            for d, _, names in tf.io.gfile.walk(staged):
+                for n in names:
+                    target = dst[: -len("saved_model.pb")] + os.path.relpath(os.path.join(d, n), staged)
+                    assert n == "saved_model.pb" or tf.io.gfile.exists(target), target
+        real_copy(src, dst, overwrite=overwrite)
+
+    monkeypatch.setattr(tf.io.gfile, "copy", recording_copy)
+    version_dir, _ = jobs.export_trained(state, cfg, arrays)
+    assert copied[-1].endswith("/1/saved_model.pb") and len(copied) > 3
+    assert paths.listdir("ram://export-order/models") == ["1"]  # the staging copy is gone
+    assert "denoise" in tf.saved_model.load(version_dir).signatures
+
+
+def test_an_unwritable_model_base_path_fails_before_training(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    cfg = TrainConfig(model="dense", smoke=True, workdir=str(tmp_path / "run"),
+                      model_base_path=str(tmp_path / "a-file" / "models"))
+    with pytest.raises(paths.PathError, match="--model-base-path .* is not writable"):
+        jobs.train_job(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing was trained

@@ -66,6 +66,29 @@ def test_two_workers_agree_and_match_one_process(tmp_path):
         np.testing.assert_allclose(multi_w[name], single_w[name], atol=1e-4, err_msg=name)
 
 
+def test_two_workers_on_shards_match_one_process_on_the_same_global_batches(tmp_path):
+    from training import convert
+
+    convert.convert("mnist-sample", str(tmp_path / "shards"), shards=4)
+    common = ["--smoke", "--model", "dense", "--seed", "3", "--noise-factor", "0.3", "--input-groups", "2",
+              "--dataset", f"tfrecord:{tmp_path / 'shards'}", "--no-export"]
+    multi = aekit_train("--multiworker-local", "2", *common, "--workdir", str(tmp_path / "mw"))
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    by_worker = results(multi.stdout)
+    assert by_worker["worker-0"]["weights_sha256"] == by_worker["worker-1"]["weights_sha256"]
+    single = aekit_train(*common, "--workdir", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    multi_w, single_w = checkpoint_weights(tmp_path / "mw"), checkpoint_weights(tmp_path / "one")
+    assert multi_w.keys() == single_w.keys() and multi_w
+    # Worker i streams files i and i + 2 (tests/test_data.py checks which rows); one process with
+    # --input-groups 2 builds the same two streams and concatenates them: the same global batches.
+    for name in multi_w:
+        np.testing.assert_allclose(multi_w[name], single_w[name], atol=1e-4, err_msg=name)
+    history = json.loads((tmp_path / "mw" / "history.json").read_text())
+    single_history = json.loads((tmp_path / "one" / "history.json").read_text())
+    assert abs(history[-1]["mse"] - single_history[-1]["mse"]) < 1e-5  # each worker scored half the test split
+
+
 def _config_file(tmp_path, **values) -> str:
     cfg = TrainConfig(model="dense", max_examples=512, batch_size=16, epochs=8, checkpoint_every_steps=8,
                       workdir=str(tmp_path / "run"), model_base_path=str(tmp_path / "models"), **values)
@@ -154,3 +177,13 @@ def test_indexed_job_tf_config():
 def test_bad_cluster_settings(call, message):
     with pytest.raises(ConfigError, match=message):
         call()
+
+
+def test_a_worker_killed_by_a_signal_gives_the_shells_status_and_one_line(capsys):
+    # Real processes standing in for workers: the supervisor only sees their exit.
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
+    procs[1].kill()
+    assert multiworker._supervise(procs) == 128 + signal.SIGKILL
+    assert capsys.readouterr().err.strip() == ("aekit: error: worker-1 was killed by SIGKILL (exit status 137); "
+                                               "stopped the others")
+    assert all(p.poll() is not None for p in procs)

@@ -91,7 +91,7 @@ def test_server_process_end_to_end(tmp_path):
         with grpc.insecure_channel(f"unix:{socket_path}") as unix_channel:
             assert predict(unix_channel, [[2.0]])[0].item() == 4.0
 
-        # requests over --max_request_bytes: RESOURCE_EXHAUSTED on gRPC, 429 on REST
+        # requests over --max_request_bytes: RESOURCE_EXHAUSTED on gRPC, 413 on REST
         with pytest.raises(grpc.RpcError) as info:
             predict(channel, np.ones((20000, 1)))
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -99,7 +99,7 @@ def test_server_process_end_to_end(tmp_path):
         request = urllib.request.Request(server.rest_url + "/v1/models/default:predict", data=body, method="POST")
         with pytest.raises(urllib.error.HTTPError) as http_info:
             urllib.request.urlopen(request, timeout=10)
-        assert http_info.value.code == 429 and "error" in json.loads(http_info.value.read())
+        assert http_info.value.code == 413 and "error" in json.loads(http_info.value.read())
 
         # reflection lists the services, so grpcurl can call them
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)

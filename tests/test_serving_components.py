@@ -91,7 +91,7 @@ def test_new_version_is_picked_up_and_removed_version_dropped(tmp_path, model_ve
 
 def test_corrupt_version_never_replaces_the_served_one(tmp_path, model_versions):
     base = make_base(tmp_path, model_versions, [1])
-    manager = ModelManager()
+    manager = ModelManager(max_load_retries=0)  # fails for good at once
     manager.reload(config(base))
     write_corrupt(base / "2")
     manager.poll()
@@ -252,7 +252,7 @@ def test_warmup_replays_records_before_available_and_bad_warmup_fails_the_load(t
     write_warmup(base / "1", [warmup_record()] * 3)
     write_warmup(base / "2", [warmup_record("wrong_alias")])
     replayed = []
-    manager = ModelManager()
+    manager = ModelManager(max_load_retries=0)  # fails for good at once
     core = DataPlane(manager)
     manager.warmup = lambda servable: replayed.append(core.warmup(servable))
     manager.reload(config(base, Policy(all=Policy.All())))

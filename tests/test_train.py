@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -53,7 +54,10 @@ def test_one_step_on_two_devices_equals_one_device(tmp_path, small_arrays):
 
 
 class StopAtStep(train.StopSignal):
-    """Behaves like a SIGTERM arriving during training call `n + 1` (calls end on checkpoint steps)."""
+    """Behaves like a SIGTERM arriving during training call `n + 1` (calls end on checkpoint steps).
+
+    The first read is the start-up agreement (train.agree_on_start), before any training call.
+    """
 
     def __init__(self, n):
         super().__init__()
@@ -62,7 +66,7 @@ class StopAtStep(train.StopSignal):
     @property
     def requested(self):
         self.calls += 1
-        return self.calls > self.n
+        return self.calls > self.n + 1
 
     @requested.setter
     def requested(self, value):
@@ -122,7 +126,7 @@ def test_bad_config_values(overrides, message):
 
 def test_config_file_roundtrip_and_errors(tmp_path):
     cfg = TrainConfig(epochs=3, smoke=True)
-    path = cfg.save(tmp_path)
+    path = pathlib.Path(cfg.save(str(tmp_path)))
     assert TrainConfig.from_file(path, seed=5).epochs == 1 and TrainConfig.from_file(path, seed=5).seed == 5
     path.write_text('{"epochz": 3}')
     with pytest.raises(ConfigError, match="unknown keys"):
@@ -141,3 +145,81 @@ def test_config_file_roundtrip_and_errors(tmp_path):
 def test_bad_tf_config_names_the_field(value, message):
     with pytest.raises(ConfigError, match=message):
         distribute.read_tf_config({"TF_CONFIG": value})
+
+
+def _trained_with_three_checkpoints(tmp_path, small_arrays):
+    """epochs=2, 4 steps each, a checkpoint every 2 steps: ckpt-4, ckpt-6, ckpt-8 kept."""
+    cfg = cfg_for(tmp_path)
+    train.train_and_evaluate(cfg, small_arrays, tf.distribute.get_strategy())
+    directory = tmp_path / "run" / "checkpoints"
+    assert [p.rsplit("-", 1)[1] for p in train.checkpoint_paths(str(directory))] == ["8", "6", "4"]
+    return cfg, directory
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted", "garbage state file"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_that_restores(tmp_path, small_arrays, damage, capsys):
+    cfg, directory = _trained_with_three_checkpoints(tmp_path, small_arrays)
+    if damage == "truncated":
+        data_file = next(directory.glob("ckpt-8.data-*"))
+        data_file.write_bytes(data_file.read_bytes()[:100])
+    elif damage == "deleted":
+        for path in directory.glob("ckpt-8.*"):
+            path.unlink()
+    else:
+        (directory / "checkpoint").write_text("garbage {{{")
+    more = cfg_for(tmp_path, epochs=3)
+    state = train.build_state(more, small_arrays.input_shape, tf.distribute.get_strategy())
+    expected = 8 if damage == "garbage state file" else 6  # the state file is not needed to find ckpt-8
+    assert int(state.step.numpy()) == expected
+    if damage == "truncated":
+        assert "restored ckpt-6, the newest checkpoint that restores; skipped ckpt-8" in capsys.readouterr().out
+    _, history = train.train_and_evaluate(more, small_arrays, tf.distribute.get_strategy())
+    assert [h["epoch"] for h in history] == [1, 2, 3]  # never [1, 2, 1, 2, 3]
+
+
+def test_checkpoints_that_all_fail_to_restore_stop_in_one_line(tmp_path, small_arrays):
+    cfg, directory = _trained_with_three_checkpoints(tmp_path, small_arrays)
+    for data_file in directory.glob("ckpt-*.data-*"):
+        data_file.write_bytes(b"not a checkpoint")
+    with pytest.raises(train.CheckpointUnusable, match="no checkpoint in .* restores: ckpt-8 .*; ckpt-6 .*; ckpt-4"):
+        train.build_state(cfg, small_arrays.input_shape, tf.distribute.get_strategy())
+
+
+def test_a_resumed_epoch_records_the_whole_epochs_mean_loss(tmp_path, small_arrays):
+    _, full = train.train_and_evaluate(cfg_for(tmp_path / "a"), small_arrays, tf.distribute.get_strategy())
+    cfg = cfg_for(tmp_path / "b")
+    with pytest.raises(train.Preempted, match="step 6"):  # stopped halfway through epoch 2
+        train.train_and_evaluate(cfg, small_arrays, tf.distribute.get_strategy(), stop=StopAtStep(2))
+    _, resumed = train.train_and_evaluate(cfg, small_arrays, tf.distribute.get_strategy())
+    assert resumed[1]["loss"] == pytest.approx(full[1]["loss"], rel=1e-5)
+
+
+def test_a_batch_that_does_not_split_over_the_replicas_writes_nothing(tmp_path, small_arrays):
+    cfg = cfg_for(tmp_path, batch_size=63)
+    with pytest.raises(ConfigError, match="--batch-size 63 does not split evenly over 2 replicas; use a multiple of 2"):
+        train.train_and_evaluate(cfg, small_arrays, mirrored())
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"epochs": "10"}, "config value 'epochs' must be int, got '10' \\(str\\)"),
+    ({"learning_rate": "fast"}, "'learning_rate' must be float"),
+    ({"export": "yes"}, "'export' must be bool"),
+    ({"data_dir": 5}, "'data_dir' must be str or null"),
+    ({"batch_size": 64.5}, "'batch_size' must be int"),
+])
+def test_a_wrongly_typed_config_value_is_one_line(tmp_path, values, message):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(values))
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_file(path)
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**values)
+
+
+def test_finished_checkpoint_is_known_without_the_data(tmp_path, small_arrays):
+    cfg = cfg_for(tmp_path)
+    assert train.completed_step(cfg) is None  # no checkpoint yet
+    train.train_and_evaluate(cfg, small_arrays, tf.distribute.get_strategy())
+    assert train.completed_step(cfg) == 8
+    assert train.completed_step(cfg_for(tmp_path, epochs=3)) is None  # more epochs asked: not finished

@@ -4,8 +4,9 @@
     aekit evaluate --anomaly --model-base-path models/three --normal-classes 3 --json
     aekit evaluate --anomaly --model-base-path models/three --anomalies odd-images/
 
-`normal_split` keeps only the normal labels of a labelled source (for training and for the
-threshold's calibration); `evaluate_anomaly` scores the held-out split of the latest exported
+`normal_source` keeps only the normal labels of a labelled in-memory source (for training and
+for the threshold's calibration; a streamed tfrecord:/tfds: source is refused with what to do,
+because its epoch length and shards are fixed by its files); `evaluate_anomaly` scores the held-out split of the latest exported
 version through its `score` signature (the normal classes against the rest, or the whole test
 split against a separate anomaly source) and reports AUROC and average precision, which need no
 threshold, and false-positive rate, recall, precision and F1 at the model's stored threshold.
@@ -16,9 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import tensorflow as tf
 from sklearn import metrics
 
-from training import data
+from training import data, records
 from training.config import ConfigError
 from training.evaluate import load_latest_version
 
@@ -37,20 +39,25 @@ def parse_classes(text: str) -> tuple[int, ...]:
     return classes
 
 
+def normal_source(source: data.Source, classes: Sequence[int], dataset: str) -> data.Source:
+    """The source with only the examples of `classes`, for training and threshold calibration.
+
+    Only in-memory sources are filtered. A streamed split's example count, shards and input
+    groups come from its files; filtering inside the pipeline would change every epoch's length
+    and the per-worker shares, so such a source is refused with what to do instead.
+    """
+    if not (source.train.in_memory and source.test.in_memory):
+        raise ConfigError(f"--normal-classes filters in-memory sources only, and {dataset} is streamed from "
+                          "TFRecord files: write the normal classes' examples to their own TFRecord files "
+                          "(or an npz:PATH) and train on those; evaluate --anomaly --normal-classes works on "
+                          "streamed sources")
+    arrays = data.Arrays(source.train.x, source.train.y, source.test.x, source.test.y)
+    return normal_split(arrays, classes, dataset).source(source.name)
+
+
 def normal_split(arrays: data.Arrays, classes: Sequence[int], dataset: str) -> data.Arrays:
     """The train and test examples whose label is one of `classes`: what a one-class model sees."""
-    present = np.unique(np.concatenate([arrays.y_train, arrays.y_test]))
-    if len(present) < 2:
-        raise ConfigError(f"--normal-classes needs a labelled source, but every example of {dataset} has "
-                          f"label {present[0] if len(present) else 'none'} (.npy files and image folders "
-                          "without sub-folders carry no labels); evaluate with --anomalies SRC instead")
-    for split, labels in (("training", arrays.y_train), ("held-out", arrays.y_test)):
-        missing = [c for c in classes if not np.any(labels == c)]
-        if missing:
-            raise ConfigError(f"--normal-classes {','.join(map(str, classes))}: {dataset} has no {split} "
-                              f"examples of class {missing[0]} (its labels are {', '.join(map(str, present))})")
-    if set(present) <= set(classes):
-        raise ConfigError(f"--normal-classes names every label of {dataset}; leave at least one out as the anomalies")
+    check_classes({"training": arrays.y_train, "held-out": arrays.y_test}, classes, dataset)
     keep_train, keep_test = np.isin(arrays.y_train, classes), np.isin(arrays.y_test, classes)
     return data.Arrays(arrays.x_train[keep_train], arrays.y_train[keep_train],
                        arrays.x_test[keep_test], arrays.y_test[keep_test])
@@ -78,41 +85,80 @@ def detection_metrics(normal_scores: np.ndarray, anomaly_scores: np.ndarray, thr
     }
 
 
-def score_examples(score, x: np.ndarray) -> dict[str, np.ndarray]:
-    """Runs a `score` signature over `x` (any dtype the data module reads) in batches."""
+def score_examples(score, x: np.ndarray | data.Split) -> dict[str, np.ndarray]:
+    """Runs a `score` signature over `x` (an array or a split, in memory or streamed) in batches."""
     parts = [{k: v.numpy() for k, v in score(images=clean).items()}
-             for clean, _ in data.make_dataset(x, SCORE_BATCH, training=False)]
+             for clean, _ in data.eval_dataset(x, SCORE_BATCH)]
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def _labelled_batches(split: data.Split):
+    """(images in [0, 1], labels) batches of a split, in order; streamed splits are read from their files."""
+    if split.in_memory:
+        for start in range(0, split.count, SCORE_BATCH):
+            yield (data.scale_to_unit(split.x[start:start + SCORE_BATCH]),
+                   np.asarray(split.y[start:start + SCORE_BATCH]))
+        return
+    for serialized in tf.data.TFRecordDataset(list(split.files)).batch(SCORE_BATCH):
+        yield (data.scale_to_unit(records.parse_batch(serialized, split.fmt)),
+               records.parse_labels(serialized).numpy())
+
+
+def score_split(score, split: data.Split) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The score signature's per-example outputs (no error_map: it is the input's size) and the labels."""
+    parts, labels = [], []
+    for images, y in _labelled_batches(split):
+        parts.append({k: v.numpy() for k, v in score(images=images).items() if k != "error_map"})
+        labels.append(y)
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}, np.concatenate(labels)
+
+
+def check_classes(labels: dict[str, np.ndarray], classes: Sequence[int], dataset: str) -> None:
+    """The checks of `normal_split` on labels alone (the split's images need not be in memory)."""
+    present = np.unique(np.concatenate(list(labels.values())))
+    if len(present) < 2:
+        raise ConfigError(f"--normal-classes needs a labelled source, but every example of {dataset} has "
+                          f"label {present[0] if len(present) else 'none'} (.npy files and image folders "
+                          "without sub-folders carry no labels); evaluate with --anomalies SRC instead")
+    for split, y in labels.items():
+        missing = [c for c in classes if not np.any(y == c)]
+        if missing:
+            raise ConfigError(f"--normal-classes {','.join(map(str, classes))}: {dataset} has no {split} "
+                              f"examples of class {missing[0]} (its labels are {', '.join(map(str, present))})")
+    if set(present) <= set(classes):
+        raise ConfigError(f"--normal-classes names every label of {dataset}; leave at least one out as the anomalies")
 
 
 def evaluate_anomaly(model_base_path: str, dataset: str, normal_classes: str = "", anomalies: str = "",
                      data_dir: str | None = None) -> dict:
     """Detection quality of the latest version: --normal-classes split `dataset`'s test split into
-    normal and anomalous examples; --anomalies SRC takes all of SRC as anomalies instead."""
+    normal and anomalous examples; --anomalies SRC takes all of SRC as anomalies instead.
+    Every split is scored in batches, so streamed sources never sit in memory."""
     if bool(normal_classes) == bool(anomalies):
         raise ConfigError("aekit evaluate --anomaly needs one of --normal-classes CLASSES or --anomalies SRC")
     version, loaded = load_latest_version(model_base_path, "score")
     score = loaded.signatures["score"]
-    arrays = data.load_arrays(dataset, data_dir)
+    source = data.load_source(dataset, data_dir)
+    _check_shape(score, source.input_shape, dataset)
+    test, test_labels = score_split(score, source.test)
     if normal_classes:
         classes = parse_classes(normal_classes)
-        normal_split(arrays, classes, dataset)  # the same checks as training
-        is_normal = np.isin(arrays.y_test, classes)
-        normal_x, anomaly_x = arrays.x_test[is_normal], arrays.x_test[~is_normal]
+        check_classes({"held-out": test_labels}, classes, dataset)
+        is_normal = np.isin(test_labels, classes)
+        normal_errors, anomaly_errors = test["error"][is_normal], test["error"][~is_normal]
     else:
-        other = data.load_arrays(anomalies, data_dir)
-        if other.input_shape != arrays.input_shape:
+        other = data.load_source(anomalies, data_dir)
+        if other.input_shape != source.input_shape:
             raise ConfigError(f"anomaly source {anomalies} has examples of shape {other.input_shape}, "
-                              f"but {dataset} and the model have {arrays.input_shape}")
-        normal_x, anomaly_x = arrays.x_test, np.concatenate([other.x_train, other.x_test])
-    _check_shape(score, arrays.input_shape, dataset)
-    normal, anomalous = score_examples(score, normal_x), score_examples(score, anomaly_x)
-    threshold = float(normal["threshold"][0])
+                              f"but {dataset} and the model have {source.input_shape}")
+        normal_errors = test["error"]
+        anomaly_errors = np.concatenate([score_split(score, split)[0]["error"] for split in (other.train, other.test)])
+    threshold = float(test["threshold"][0])
     # exports made before threshold_fpr existed used the 0.99 quantile of the held-out errors
-    fpr = float(normal["threshold_fpr"][0]) if "threshold_fpr" in normal else 0.01
-    return {"version": version, "normal_examples": len(normal_x), "anomaly_examples": len(anomaly_x),
+    fpr = float(test["threshold_fpr"][0]) if "threshold_fpr" in test else 0.01
+    return {"version": version, "normal_examples": len(normal_errors), "anomaly_examples": len(anomaly_errors),
             "threshold": threshold, "threshold_fpr": fpr,
-            **detection_metrics(normal["error"], anomalous["error"], threshold)}
+            **detection_metrics(normal_errors, anomaly_errors, threshold)}
 
 
 def _check_shape(score, input_shape: tuple[int, ...], dataset: str) -> None:

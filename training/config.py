@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
+import typing
+
+from storage import paths
 
 MODELS = ("dense", "conv")
 LOSSES = ("bce", "mse")
@@ -24,8 +26,8 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class TrainConfig:
-    dataset: str = "mnist-sample"  # mnist-sample | tfds:NAME | npz:PATH | a folder of images | PATH.npy
-    data_dir: str | None = None  # tensorflow-datasets data_dir (tfds:NAME only)
+    dataset: str = "mnist-sample"  # mnist-sample | npz:PATH | a folder of images | PATH.npy | tfrecord:DIR_OR_GLOB | tfds:NAME
+    data_dir: str | None = None  # tensorflow-datasets data_dir (tfds:NAME only); local, gs:// or ram://
     download: bool = False  # tfds may download; off so a dead network never hangs a run
     model: str = "conv"  # dense (the seed blog's MLP) | conv (strided Conv2D / Conv2DTranspose)
     latent_dim: int = 0  # size of the code; 0 = the model's default (dense 32 as in the seed blog, conv 128)
@@ -40,16 +42,21 @@ class TrainConfig:
     export: bool = True  # export a new version after training
     num_logical_devices: int = 0  # >1 splits the CPU into N devices to try MirroredStrategy here
     collective: str = "auto"  # multi-worker all-reduce: ring on CPU, nccl on GPUs
-    collective_timeout_seconds: float = 300.0  # a dead peer fails the job after this, instead of a hang
+    collective_timeout_seconds: float = 300.0  # how long a silent peer is tolerated (collectives and heartbeat)
+    rendezvous_timeout_seconds: float = 900.0  # how long a worker waits for the others to start (pods minutes apart)
     checkpoint_every_steps: int = 100  # also saved at every epoch end and on SIGTERM
     steps_per_loop: int = 20  # steps per tf.function call: fewer Python round trips; SIGTERM is seen between calls
     anomaly_quantile: float = 0.99  # held-out error quantile used as the anomaly threshold
     threshold_fpr: float = 0.0  # >0: threshold flags this fraction of held-out normal data; 0 = 1 - anomaly_quantile
     normal_classes: str = ""  # anomaly detection: labels to train on, e.g. "3" or "0,1,7"; "" = every label
     max_examples: int = 0  # >0 keeps only the first N training examples (smoke runs, tests)
+    input_groups: int = 0  # streamed sources: each global batch comes from this many disjoint file sets;
+    #                        0 = one per worker. Fix it (e.g. to 4) for the same batches on 1, 2 or 4 workers
+    force_export: bool = False  # export even when a version of this training step already exists
     smoke: bool = False  # seconds-long run: 1 epoch on 512 examples
 
     def __post_init__(self) -> None:
+        _check_types(self)  # before the arithmetic below trips over a string
         self.latent_dim = self.latent_dim or DEFAULT_LATENT_DIM.get(self.model, 32)
         if self.smoke:
             self.epochs = min(self.epochs, 1)
@@ -67,6 +74,10 @@ class TrainConfig:
         _check_positive("learning-rate", self.learning_rate)
         _check_positive("checkpoint-every-steps", self.checkpoint_every_steps)
         _check_positive("steps-per-loop", self.steps_per_loop)
+        _check_positive("collective-timeout-seconds", self.collective_timeout_seconds)
+        _check_positive("rendezvous-timeout-seconds", self.rendezvous_timeout_seconds)
+        if self.input_groups < 0:
+            raise ConfigError("--input-groups must be 0 (one per worker) or a positive count")
         if not 0.0 <= self.noise_factor <= 1.0:
             raise ConfigError(f"--noise-factor must be in [0, 1], got {self.noise_factor}")
         if not 0.5 <= self.anomaly_quantile < 1.0:
@@ -81,20 +92,19 @@ class TrainConfig:
         """The false-positive rate on held-out normal data that the anomaly threshold is set to."""
         return self.threshold_fpr or round(1.0 - self.anomaly_quantile, 12)
 
-    def save(self, workdir: str | Path) -> Path:
-        path = Path(workdir) / "config.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+    def save(self, workdir: str) -> str:
+        path = paths.join(paths.makedirs(workdir), "config.json")
+        paths.write_text(path, json.dumps(dataclasses.asdict(self), indent=2) + "\n")
         return path
 
     @classmethod
-    def from_file(cls, path: str | Path, **overrides) -> TrainConfig:
+    def from_file(cls, path: str, **overrides) -> TrainConfig:
         """Reads a JSON config (as written by `save`); `overrides` win over the file."""
-        path = Path(path)
-        if not path.is_file():
+        path = paths.check(path, "--config")
+        if not paths.exists(path):
             raise ConfigError(f"config file {path} does not exist")
         try:
-            values = json.loads(path.read_text())
+            values = json.loads(paths.read_text(path))
         except json.JSONDecodeError as e:
             raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
         known = {f.name for f in dataclasses.fields(cls)}
@@ -103,6 +113,21 @@ class TrainConfig:
             raise ConfigError(f"config file {path} has unknown keys {unknown}; known: {sorted(known)}")
         values.update(overrides)
         return cls(**values)
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """A value of the wrong JSON type (``"epochs": "10"``) is named here, not deep in TensorFlow."""
+    hints = typing.get_type_hints(type(cfg))
+    for field in dataclasses.fields(cfg):
+        value, expected = getattr(cfg, field.name), hints[field.name]
+        allowed = typing.get_args(expected) or (expected,)  # `str | None` -> (str, NoneType)
+        if float in allowed:
+            allowed += (int,)  # JSON writes 300.0 as 300 when a person types it
+        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed if t is not int or
+                                float not in allowed)
+            raise ConfigError(f"config value {field.name!r} must be {names}, got {value!r} "
+                              f"({type(value).__name__})")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -1,10 +1,21 @@
 """Export: a new numeric version of the SavedModel that TF Serving (or `aekit serve`) picks up.
 
-    aekit export --workdir runs/ae --model-base-path models/autoencoder
+    aekit export --workdir runs/ae --model-base-path models/autoencoder     # or gs://bucket/models/ae
     # -> models/autoencoder/<N+1>/ with signatures encode, decode, denoise, score, serving_default
 
-The version is written under a hidden temporary name beside the versions, checked by loading it
-back, and renamed into place: a server polling the folder never sees a half-written version.
+The version is written under a hidden staging name beside the versions (TF Serving ignores
+non-numeric children), checked by loading it back, then published so that a server polling the
+folder never loads a half-written version:
+  - local disk: the staging folder is renamed into place, atomically;
+  - object stores (gs://, ...; no atomic rename): TF Serving takes any numeric child as a version
+    as soon as one object under it exists (file_system_storage_path_source.cc,
+    PollFileSystemForServable), and its SavedModel loader first looks for saved_model.pb
+    (tensorflow/cc/saved_model/loader.cc, LoadSavedModel via MaybeSavedModelDirectory and
+    ReadSavedModel). So the files are copied with saved_model.pb LAST: before it lands, a poll
+    sees a version that fails to load (retried: --max_num_load_retries), never a partial model.
+Re-exporting the same training step with the same weights returns the existing version (pass
+force to publish a copy anyway). Staging folders left by a killed export are removed by the next
+export once their process is gone (same host) or they are older than STALE_STAGING_SECONDS.
 Signatures are written with keras.export.ExportArchive because tf.saved_model.save on a Keras 3
 model renames inputs and outputs (to `inputs`/`output_0`), which breaks every client.
 """
@@ -12,22 +23,28 @@ model renames inputs and outputs (to `inputs`/`output_0`), which breaks every cl
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
-import shutil
-from pathlib import Path
+import posixpath
+import socket
+import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
+from storage import paths
 from training import models
 from training.config import ConfigError
 
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
+IDENTITY_FILE = "assets.extra/aekit_export.json"  # training step and weights hash; servers ignore it
 WARMUP_RECORDS_PER_SIGNATURE = 2
 CHECK_TOLERANCE = 1e-4  # float32 reorderings between Keras and the traced graph stay far below this
+STAGING_PREFIX = ".tmp-export-"
+STALE_STAGING_SECONDS = 3600  # a staging folder untouched this long belongs to no live export (one takes seconds)
 
 
 class ExportError(RuntimeError):
@@ -36,9 +53,8 @@ class ExportError(RuntimeError):
     exit_code = 1
 
 
-def next_version(base: Path) -> int:
-    versions = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()]
-    return max(versions, default=0) + 1
+def next_version(base: str) -> int:
+    return max(paths.version_folders(base), default=0) + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,12 +131,12 @@ def build_archive(encoder: keras.Model, decoder: keras.Model, threshold: Thresho
     return archive
 
 
-def write_warmup(version_dir: Path, images: np.ndarray, latents: np.ndarray) -> Path:
+def write_warmup(version_dir: str, images: np.ndarray, latents: np.ndarray) -> str:
     """assets.extra/tf_serving_warmup_requests: PredictionLog records that TF Serving replays
     before marking the version AVAILABLE, so the first real request is not the slow one."""
-    path = version_dir / WARMUP_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tf.io.TFRecordWriter(str(path)) as writer:
+    path = paths.join(version_dir, WARMUP_FILE)
+    paths.makedirs(posixpath.dirname(path))
+    with tf.io.TFRecordWriter(path) as writer:
         for signature, alias, values in [("encode", "images", images), ("decode", "latent", latents),
                                          ("denoise", "images", images), ("score", "images", images),
                                          ("serving_default", "images", images)]:
@@ -134,7 +150,7 @@ def write_warmup(version_dir: Path, images: np.ndarray, latents: np.ndarray) -> 
     return path
 
 
-def verify_export(version_dir: Path, encoder: keras.Model, decoder: keras.Model, threshold: Threshold,
+def verify_export(version_dir: str, encoder: keras.Model, decoder: keras.Model, threshold: Threshold,
                   images: np.ndarray) -> None:
     """Loads the SavedModel back and compares every signature with the Keras model on `images`."""
     loaded = tf.saved_model.load(str(version_dir))
@@ -163,27 +179,84 @@ def verify_export(version_dir: Path, encoder: keras.Model, decoder: keras.Model,
                 raise ExportError(f"signature {name!r} output {key!r} differs from the Keras model by {diff:g}")
 
 
-def export_version(encoder: keras.Model, decoder: keras.Model, model_base_path: str | Path,
-                   threshold: Threshold, sample_images: np.ndarray) -> Path:
-    """Writes, checks and publishes the next version; returns its folder. Leaves nothing on failure."""
-    base = Path(model_base_path)
-    base.mkdir(parents=True, exist_ok=True)
+def export_version(encoder: keras.Model, decoder: keras.Model, model_base_path: str,
+                   threshold: Threshold, sample_images: np.ndarray, identity: dict | None = None,
+                   force: bool = False) -> tuple[str, bool]:
+    """Writes, checks and publishes the next version; returns (its folder, whether it is new).
+
+    `identity` (training step, weights hash) is stored with the version; a version with the same
+    identity is returned instead of publishing a duplicate, unless `force`. Leaves nothing on failure.
+    """
+    base = paths.makedirs(paths.check(model_base_path, "--model-base-path"))
+    if identity and not force:
+        existing = find_identical(base, identity)
+        if existing:
+            return existing, False
+    remove_stale_staging(base)
     sample_images = np.asarray(sample_images, np.float32)
     while True:
         version = next_version(base)
         # Hidden and non-numeric, so TF Serving's version scan ignores it while it is written.
-        staging = base / f".tmp-export-{version}-{os.getpid()}"
+        staging = paths.join(base, f"{STAGING_PREFIX}{version}-{socket.gethostname()}-{os.getpid()}")
         try:
-            build_archive(encoder, decoder, threshold).write_out(str(staging), verbose=False)
+            build_archive(encoder, decoder, threshold).write_out(staging, verbose=False)
             write_warmup(staging, sample_images, encoder(sample_images, training=False).numpy())
+            if identity:
+                paths.write_text(paths.join(staging, IDENTITY_FILE), json.dumps(identity))
             verify_export(staging, encoder, decoder, threshold, sample_images)
-            final = base / str(version)
+            final = paths.join(base, str(version))
             try:
-                os.rename(staging, final)  # atomic on one filesystem
-            except OSError:
-                if final.exists():  # another exporter took this number: take the next one
+                paths.publish_tree(staging, final, last="saved_model.pb")
+            except tf.errors.OpError:
+                if paths.exists(final):  # another exporter took this number: take the next one
                     continue
                 raise
-            return final
+            return final, True
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            paths.remove_tree(staging)
+
+
+def find_identical(base: str, identity: dict) -> str | None:
+    """The newest version exported from the same training step with the same weights."""
+    for _, name in sorted(paths.version_folders(base).items(), reverse=True):
+        marker = paths.join(base, name, IDENTITY_FILE)
+        try:
+            if json.loads(paths.read_text(marker)) == identity:
+                return paths.join(base, name)
+        except (tf.errors.NotFoundError, ValueError):
+            continue  # not an aekit export, or one from before identities were recorded
+    return None
+
+
+def remove_stale_staging(base: str) -> list[str]:
+    """Deletes staging folders of exports that died (killed mid-export); returns their names."""
+    removed = []
+    for name in paths.listdir(base):
+        folder = paths.join(base, name)
+        if name.startswith(STAGING_PREFIX) and _is_stale(folder, name):
+            paths.remove_tree(folder)
+            removed.append(name)
+    return removed
+
+
+def _is_stale(folder: str, name: str) -> bool:
+    """Stale when its exporter (host, pid from the name) is gone from this host, or when nothing
+    in it changed for STALE_STAGING_SECONDS (an exporter on another host, or a reused pid)."""
+    _, _, owner = name[len(STAGING_PREFIX):].partition("-")
+    host, _, pid = owner.rpartition("-")
+    if pid.isdigit() and host in (socket.gethostname(), "") and paths.is_local(folder):
+        if not _process_alive(int(pid)):
+            return True
+    newest = max((tf.io.gfile.stat(paths.join(d, n)).mtime_nsec for d, _, names in tf.io.gfile.walk(folder)
+                  for n in names), default=0)
+    return newest > 0 and time.time() - newest / 1e9 > STALE_STAGING_SECONDS
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

@@ -6,37 +6,87 @@ Each reads top to bottom: build what it needs from a config, run it, say where t
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+from storage import paths
 from training import anomaly, data, distribute, export, models, train
 from training.config import ConfigError, TrainConfig
-from training.evaluate import evaluate_saved_model
+from training.evaluate import EVAL_BATCH, evaluate_saved_model
 
 SAMPLE_IMAGES = 8  # held-out examples used to check the export and to write warmup records
 
 
 def train_job(cfg: TrainConfig) -> dict:
-    """Trains (resuming from cfg.workdir) and, on the chief, exports a new version."""
-    strategy = distribute.make_strategy(cfg.num_logical_devices, cfg.collective, cfg.collective_timeout_seconds)
-    arrays = load_training_arrays(cfg)
-    state, history = train.train_and_evaluate(cfg, arrays, strategy)
-    result = {"workdir": cfg.workdir, "step": int(state.step.numpy()), "task": distribute.task_name(strategy),
-              "weights_sha256": weights_fingerprint(state), **(history[-1] if history else {})}
-    if cfg.export and state.is_chief:
-        result["export"] = str(export_trained(state, cfg, arrays))
-        print(f"exported {result['export']}", flush=True)
+    """Trains (resuming from cfg.workdir) and, on the chief, exports a new version.
+
+    A job whose checkpoint already holds every epoch needs no peers: the chief exports, the
+    others exit at once, so a restarted worker never waits for workers that finished.
+    """
+    tf_config = distribute.read_tf_config()
+    done = train.completed_step(cfg)
+    if done is not None:
+        return finished_job(cfg, tf_config, done)
+    strategy = distribute.make_strategy(cfg.num_logical_devices, cfg.collective, cfg.collective_timeout_seconds,
+                                        cfg.rendezvous_timeout_seconds)
+    check_paths(cfg, exporting=cfg.export and distribute.is_chief(strategy))
+    source = load_training_source(cfg)
+    with train.StopSignal() as stop:  # from here on a SIGTERM stops the job where it is
+        state, history = train.train_and_evaluate(cfg, source, strategy, stop)
+        result = {"workdir": cfg.workdir, "step": int(state.step.numpy()), "task": distribute.task_name(strategy),
+                  "weights_sha256": weights_fingerprint(state), **(history[-1] if history else {})}
+        if cfg.export and state.is_chief:
+            _stop_if_asked(stop, result["step"])
+            result["export"] = _export_and_say(state, cfg, source, result["step"])
     return result
 
 
-def load_training_arrays(cfg: TrainConfig) -> data.Arrays:
+def finished_job(cfg: TrainConfig, tf_config: dict | None, step: int) -> dict:
+    """Training is complete at `step`: export on the chief (export is idempotent per step), else nothing."""
+    task, chief = distribute.task_of(tf_config), distribute.is_chief_task(tf_config)
+    print(f"{task} ({'chief' if chief else 'worker'}): training is already complete at step {step}; "
+          f"{'exporting without the other workers' if chief and cfg.export else 'nothing to do'}", flush=True)
+    result = {"workdir": cfg.workdir, "step": step, "task": task, "complete": True}
+    if chief and cfg.export:
+        check_paths(cfg, exporting=True)
+        source = load_training_source(cfg)
+        with train.StopSignal() as stop:
+            state = train.build_state(cfg, source.input_shape, tf.distribute.get_strategy())
+            _stop_if_asked(stop, step)
+            result["weights_sha256"] = weights_fingerprint(state)
+            result["export"] = _export_and_say(state, cfg, source, step)
+    return result
+
+
+def _export_and_say(state: train.TrainState, cfg: TrainConfig, source: data.Source, step: int) -> str:
+    version_dir, created = export_trained(state, cfg, source)
+    print(f"exported {version_dir}" if created else
+          f"step {step} is already exported as {version_dir} (--force-export to export again)", flush=True)
+    return version_dir
+
+
+def _stop_if_asked(stop: train.StopSignal, step: int) -> None:
+    if stop.requested:
+        raise train.Preempted(f"stopped by SIGTERM before export; the checkpoint at step {step} is saved, "
+                              "rerun to export it")
+
+
+def check_paths(cfg: TrainConfig, exporting: bool) -> None:
+    """Fails in one line, before any training, on a path that cannot be written (or read)."""
+    if cfg.data_dir:
+        paths.check(cfg.data_dir, "--data-dir")
+    paths.check_writable(cfg.workdir, "--workdir")
+    if exporting:
+        paths.check_writable(cfg.model_base_path, "--model-base-path")
+
+
+def load_training_source(cfg: TrainConfig) -> data.Source:
     """The data source, with only the normal classes when cfg.normal_classes names some."""
-    arrays = data.load_arrays(cfg.dataset, cfg.data_dir, cfg.download)
+    source = data.load_source(cfg.dataset, cfg.data_dir, cfg.download)
     if not cfg.normal_classes:
-        return arrays
-    return anomaly.normal_split(arrays, anomaly.parse_classes(cfg.normal_classes), cfg.dataset)
+        return source
+    return anomaly.normal_source(source, anomaly.parse_classes(cfg.normal_classes), cfg.dataset)
 
 
 def weights_fingerprint(state: train.TrainState) -> str:
@@ -47,30 +97,39 @@ def weights_fingerprint(state: train.TrainState) -> str:
     return digest.hexdigest()
 
 
-def export_trained(state: train.TrainState, cfg: TrainConfig, arrays: data.Arrays) -> Path:
-    """Calibrates the anomaly threshold on held-out (normal) data and publishes the next version."""
-    errors = held_out_errors(state, arrays.x_test)
+def export_trained(state: train.TrainState, cfg: TrainConfig, source: data.Source | data.Arrays,
+                   force: bool | None = None) -> tuple[str, bool]:
+    """Calibrates the anomaly threshold on held-out (normal) data and publishes the next version,
+    unless this training step with these weights and this threshold's false-positive rate is
+    already published: (version folder, created). A new rate (export --threshold-fpr) is a new version."""
+    test = source.source().test if isinstance(source, data.Arrays) else source.test
+    errors = held_out_errors(state, test)
     threshold = export.calibrate_threshold(errors, cfg.calibration_fpr)
     print(threshold.describe(), flush=True)
-    sample = data.scale_to_unit(tf.constant(arrays.x_test[:SAMPLE_IMAGES])).numpy()
-    return export.export_version(state.encoder, state.decoder, cfg.model_base_path, threshold, sample)
+    sample = next(iter(data.eval_dataset(data.limit(test, SAMPLE_IMAGES), SAMPLE_IMAGES)))[1].numpy()
+    identity = {"step": int(state.step.numpy()), "weights_sha256": weights_fingerprint(state),
+                "threshold_fpr": threshold.fpr}
+    return export.export_version(state.encoder, state.decoder, cfg.model_base_path, threshold, sample,
+                                 identity, cfg.force_export if force is None else force)
 
 
-def held_out_errors(state: train.TrainState, x_test: np.ndarray) -> np.ndarray:
-    """Per-example reconstruction MSE on the test split."""
+def held_out_errors(state: train.TrainState, test: data.Split | np.ndarray) -> np.ndarray:
+    """Per-example reconstruction MSE on the test split, streamed in batches."""
     errors = [models.reconstruction_error(clean, state.autoencoder(clean, training=False)).numpy()
-              for clean, _ in data.make_dataset(x_test, 256, training=False)]
+              for clean, _ in data.eval_dataset(test, EVAL_BATCH)]
     return np.concatenate(errors)
 
 
-def export_job(workdir: str, model_base_path: str | None = None, threshold_fpr: float | None = None) -> Path:
+def export_job(workdir: str, model_base_path: str | None = None, force: bool = False,
+               threshold_fpr: float | None = None) -> tuple[str, bool]:
     """Exports the latest checkpoint in `workdir` with the config it was trained with.
 
     `threshold_fpr` recalibrates the anomaly threshold to that false-positive rate on held-out
     normal data: a new version from the same weights, without retraining.
     """
-    config_path = Path(workdir) / "config.json"
-    if not config_path.is_file():
+    paths.check(workdir, "--workdir")
+    config_path = paths.join(workdir, "config.json")
+    if not paths.exists(config_path):
         raise ConfigError(f"{workdir} has no config.json; is it a workdir written by `aekit train`?")
     overrides = {"workdir": workdir, "num_logical_devices": 0}
     if model_base_path:
@@ -78,11 +137,12 @@ def export_job(workdir: str, model_base_path: str | None = None, threshold_fpr: 
     if threshold_fpr is not None:
         overrides["threshold_fpr"] = threshold_fpr
     cfg = TrainConfig.from_file(config_path, **overrides)
-    if tf.train.latest_checkpoint(str(Path(workdir) / "checkpoints")) is None:
+    if tf.train.latest_checkpoint(paths.join(workdir, "checkpoints")) is None:
         raise ConfigError(f"{workdir}/checkpoints has no checkpoint to export; train first")
-    arrays = load_training_arrays(cfg)
-    state = train.build_state(cfg, arrays.input_shape, tf.distribute.get_strategy())
-    return export_trained(state, cfg, arrays)
+    paths.check_writable(cfg.model_base_path, "--model-base-path")
+    source = load_training_source(cfg)
+    state = train.build_state(cfg, source.input_shape, tf.distribute.get_strategy())
+    return export_trained(state, cfg, source, force)
 
 
 def evaluate_job(model_base_path: str, dataset: str, noise_factor: float = 0.0,

@@ -85,7 +85,7 @@ def _supervise(procs: list[subprocess.Popen]) -> int:
     try:
         while True:
             codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c not in (None, 0)]
+            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
             if failed:
                 time.sleep(5)  # let peers report their own error and save if they were told to
                 for p in procs:
@@ -93,14 +93,26 @@ def _supervise(procs: list[subprocess.Popen]) -> int:
                         p.terminate()
                 for p in procs:
                     p.wait()
-                print(f"aekit: a worker exited with status {failed[0]}; stopped the others", file=sys.stderr)
-                return failed[0]
+                index, code = failed[0]
+                print(f"aekit: error: worker-{index} {_ended(code)}; stopped the others", file=sys.stderr)
+                return exit_status(code)
             if all(c == 0 for c in codes):
                 return 0
             time.sleep(0.2)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def exit_status(returncode: int) -> int:
+    """A shell's status for a child's return code: 128 + N for a child killed by signal N (-N)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _ended(returncode: int) -> str:
+    if returncode < 0:
+        return f"was killed by {signal.Signals(-returncode).name} (exit status {exit_status(returncode)})"
+    return f"exited with status {returncode}"
 
 
 def set_tf_config_from_indexed_job(num_workers: int | None, host_pattern: str | None, port: int,

@@ -11,21 +11,22 @@ Rerunning with the same workdir resumes from the last checkpoint at the exact st
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import shutil
+import re
 import signal
 import sys
 import threading
-from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from training import data, distribute, models
-from training.config import TrainConfig
-from training.evaluate import reconstruction_metrics
+from storage import paths
+from training import data, distribute, evaluate, models
+from training.config import ConfigError, TrainConfig
 
 
 class Preempted(RuntimeError):
@@ -40,9 +41,26 @@ class WorkerLost(RuntimeError):
     exit_code = 1
 
 
+class CheckpointUnusable(RuntimeError):
+    """Checkpoints exist but none restores: training from scratch would silently discard them."""
+
+    exit_code = 2
+
+
+class ResumeMismatch(RuntimeError):
+    """The workers restored different steps: they do not share one work directory."""
+
+    exit_code = 2
+
+
 # What a collective raises when a peer is gone: the step cannot finish on this worker either.
 PEER_FAILURES = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
                  tf.errors.AbortedError)
+
+
+# What restoring a damaged checkpoint raises: a truncated data file gives IndexError ("Read less
+# bytes than requested", py_checkpoint_reader.py), garbage DataLossError, a missing one NotFoundError.
+UNRESTORABLE = (tf.errors.OpError, ValueError, AssertionError, IndexError)
 
 
 @dataclasses.dataclass
@@ -54,6 +72,7 @@ class TrainState:
     autoencoder: keras.Model
     optimizer: keras.optimizers.Optimizer
     step: tf.Variable
+    epoch_loss_sum: tf.Variable  # sum of the current epoch's step losses so far, so a resumed epoch's mean is whole
     checkpoint: tf.train.Checkpoint
     manager: tf.train.CheckpointManager
     is_chief: bool
@@ -68,8 +87,9 @@ def per_example_loss(clean: tf.Tensor, reconstruction: tf.Tensor, kind: str) -> 
     return models.reconstruction_error(clean, reconstruction)
 
 
-def build_state(cfg: TrainConfig, input_shape, strategy: tf.distribute.Strategy) -> TrainState:
-    """Models and optimizer under the strategy's scope, restored from the workdir if it has a checkpoint."""
+def build_state(cfg: TrainConfig, input_shape, strategy: tf.distribute.Strategy,
+                steps_per_epoch: int = 0) -> TrainState:
+    """Models and optimizer under the strategy's scope, restored from the newest checkpoint that restores."""
     keras.utils.set_random_seed(cfg.seed)
     with strategy.scope():
         encoder, decoder = models.build_autoencoder(cfg.model, input_shape, cfg.latent_dim)
@@ -77,28 +97,93 @@ def build_state(cfg: TrainConfig, input_shape, strategy: tf.distribute.Strategy)
         optimizer = keras.optimizers.Adam(cfg.learning_rate)
         optimizer.build(autoencoder.trainable_variables)  # slots exist before restore
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-    checkpoint = tf.train.Checkpoint(encoder=encoder, decoder=decoder, optimizer=optimizer, step=step)
+        epoch_loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="epoch_loss_sum")
+        # Saved so that a restarted worker can tell a finished job without loading the data.
+        epoch_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="steps_per_epoch")
+    checkpoint = tf.train.Checkpoint(encoder=encoder, decoder=decoder, optimizer=optimizer, step=step,
+                                     epoch_loss_sum=epoch_loss_sum, steps_per_epoch=epoch_steps)
     chief = distribute.is_chief(strategy)
     manager = tf.train.CheckpointManager(checkpoint, _checkpoint_dir(cfg.workdir, strategy, chief),
                                          max_to_keep=3)
-    latest = tf.train.latest_checkpoint(Path(cfg.workdir) / "checkpoints")
-    if latest:
-        checkpoint.restore(latest).assert_existing_objects_matched()
-    return TrainState(strategy, encoder, decoder, autoencoder, optimizer, step, checkpoint, manager, chief)
+    restore_newest(checkpoint, paths.join(cfg.workdir, "checkpoints"), distribute.task_name(strategy))
+    if steps_per_epoch:
+        epoch_steps.assign(steps_per_epoch)
+    return TrainState(strategy, encoder, decoder, autoencoder, optimizer, step, epoch_loss_sum, checkpoint,
+                      manager, chief)
+
+
+def _basename(prefix: str) -> str:
+    return prefix.rstrip("/").rsplit("/", 1)[-1]
+
+
+def checkpoint_paths(directory: str) -> list[str]:
+    """Checkpoint prefixes in `directory`, newest first, found from the files themselves.
+
+    The `checkpoint` state file is not trusted: garbage in it, or a newest checkpoint deleted
+    by hand, must not make a run start over.
+    """
+    numbered = []
+    for index_file in tf.io.gfile.glob(f"{directory}/ckpt-*.index"):
+        match = re.search(r"ckpt-(\d+)\.index$", index_file)
+        if match:
+            numbered.append((int(match.group(1)), index_file[: -len(".index")]))
+    return [prefix for _, prefix in sorted(numbered, reverse=True)]
+
+
+def restore_newest(checkpoint: tf.train.Checkpoint, directory: str, who: str = "local") -> str | None:
+    """Restores the newest checkpoint that restores and says why when it is not the newest.
+
+    Returns its prefix, or None when `directory` holds none (a fresh run). Raises
+    CheckpointUnusable when there are checkpoints but none restores.
+    """
+    failed = []
+    for prefix in checkpoint_paths(directory):
+        try:
+            checkpoint.restore(prefix).assert_existing_objects_matched()
+        except UNRESTORABLE as e:
+            reason = e.message if isinstance(e, tf.errors.OpError) else str(e)
+            failed.append(f"{_basename(prefix)} ({type(e).__name__}: {reason.splitlines()[0][:120]})")
+            continue
+        if failed:
+            print(f"{who}: restored {_basename(prefix)}, the newest checkpoint that restores; "
+                  f"skipped {'; '.join(failed)}", flush=True)
+        return prefix
+    if failed:
+        raise CheckpointUnusable(f"no checkpoint in {directory} restores: {'; '.join(failed)}; "
+                                 "restore them from a backup, or move the folder away to train from scratch")
+    return None
+
+
+def completed_step(cfg: TrainConfig) -> int | None:
+    """The step of the newest checkpoint when it already holds cfg.epochs of training, else None.
+
+    Reads the files only (no model, no data, no TensorFlow context), so a worker of a finished
+    job knows it before it would wait for peers that already exited.
+    """
+    for prefix in checkpoint_paths(paths.join(cfg.workdir, "checkpoints"))[:1]:
+        try:
+            reader = tf.train.load_checkpoint(prefix)
+            step = int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE"))
+            per_epoch = int(reader.get_tensor("steps_per_epoch/.ATTRIBUTES/VARIABLE_VALUE"))
+        except UNRESTORABLE:
+            return None  # unreadable or written before steps_per_epoch was saved: build_state decides
+        if per_epoch and step >= cfg.epochs * per_epoch:
+            return step
+    return None
 
 
 def _checkpoint_dir(workdir: str, strategy: tf.distribute.Strategy, chief: bool) -> str:
     # Every worker must take part in a save (it may all-reduce), but only the chief's copy is
     # kept: the others write to a scratch folder that save_checkpoint deletes.
     if chief:
-        return str(Path(workdir) / "checkpoints")
-    return str(Path(workdir) / f".scratch-{distribute.task_name(strategy)}")
+        return paths.join(workdir, "checkpoints")
+    return paths.join(workdir, f".scratch-{distribute.task_name(strategy)}")
 
 
 def save_checkpoint(state: TrainState) -> None:
     state.manager.save(checkpoint_number=int(state.step.numpy()))
     if not state.is_chief:
-        shutil.rmtree(state.manager.directory, ignore_errors=True)
+        paths.remove_tree(state.manager.directory)
 
 
 def make_train_step(state: TrainState, loss_kind: str, global_batch: int):
@@ -144,6 +229,9 @@ class StopSignal:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+            # `aekit train` holds SIGTERM blocked from its start (see distribute.wait_for_workers):
+            # one that arrived meanwhile is delivered now, to this handler.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
         return self
 
     def _handle(self, signum, frame):
@@ -154,62 +242,128 @@ class StopSignal:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(cfg: TrainConfig, arrays: data.Arrays | None = None,
+def train_and_evaluate(cfg: TrainConfig, source: data.Source | data.Arrays | None = None,
                        strategy: tf.distribute.Strategy | None = None,
                        stop: StopSignal | None = None) -> tuple[TrainState, list[dict]]:
     """Trains to cfg.epochs (resuming from cfg.workdir), evaluating after each epoch.
 
-    Raises Preempted, after saving a checkpoint, when SIGTERM arrives (or `stop` says so).
+    Raises Preempted, after saving a checkpoint, when SIGTERM arrives (or `stop` says so), and
+    WorkerLost when a peer is lost at any stage, from the first broadcast of the weights on.
     """
-    strategy = strategy or distribute.make_strategy(cfg.num_logical_devices, cfg.collective, cfg.collective_timeout_seconds)
-    arrays = arrays or data.load_arrays(cfg.dataset, cfg.data_dir, cfg.download)
-    x_train = arrays.x_train[: cfg.max_examples] if cfg.max_examples else arrays.x_train
-    steps = data.steps_per_epoch(len(x_train), cfg.batch_size)
-    state = build_state(cfg, arrays.input_shape, strategy)
+    strategy = strategy or distribute.make_strategy(cfg.num_logical_devices, cfg.collective,
+                                                    cfg.collective_timeout_seconds, cfg.rendezvous_timeout_seconds)
+    source = _as_source(source, cfg)
+    train_split = data.limit(source.train, cfg.max_examples)
+    steps = data.steps_per_epoch(train_split.count, cfg.batch_size)
+    check_batch_fits(cfg.batch_size, strategy)  # before anything is written to the workdir
+    with contextlib.nullcontext(stop) if stop else StopSignal() as stop, _peers_required(strategy, cfg.workdir):
+        state = build_state(cfg, source.input_shape, strategy, steps)
+        agree_on_start(state, stop)
+        return state, _train_epochs(cfg, state, source, train_split, steps, stop)
+
+
+def check_batch_fits(batch_size: int, strategy: tf.distribute.Strategy) -> None:
+    replicas = strategy.num_replicas_in_sync
+    if batch_size % replicas:
+        raise ConfigError(f"--batch-size {batch_size} does not split evenly over {replicas} replicas; "
+                          f"use a multiple of {replicas}, e.g. {max(replicas, batch_size - batch_size % replicas)}")
+
+
+@contextlib.contextmanager
+def _peers_required(strategy: tf.distribute.Strategy, workdir: str):
+    """Turns a lost peer, wherever it shows (broadcast, all-reduce, save), into one WorkerLost line."""
+    try:
+        yield
+    except PEER_FAILURES as e:
+        last = checkpoint_paths(paths.join(workdir, "checkpoints"))[:1] or ["none yet"]
+        raise WorkerLost(f"{distribute.task_name(strategy)}: a peer worker failed or is unreachable "
+                         f"({type(e).__name__}: {e.message.splitlines()[0][:200]}); "
+                         f"restart the job to resume from the last checkpoint ({last[0]})") from None
+
+
+def agree_on_start(state: TrainState, stop) -> None:
+    """Every worker's restored step, and any SIGTERM so far, compared through one all-reduce.
+
+    Workers that restored different steps would desynchronise silently (a work directory per
+    pod); they refuse instead, all of them, in the same words.
+    """
+    workers = distribute.worker_ids(state.strategy)
+    mine = int(state.step.numpy())
+    reports = np.zeros(len(workers) + 1)
+    reports[workers.index(distribute.task_name(state.strategy))] = mine
+    reports[-1] = 1.0 if stop.requested else 0.0
+    if len(workers) > 1:
+        reports = distribute.sum_over_workers(state.strategy, reports).numpy()
+    steps = dict(zip(workers, reports[:-1].astype(int)))
+    if len(set(steps.values())) > 1:
+        said = ", ".join(f"{w} at step {s}" for w, s in steps.items())
+        raise ResumeMismatch(f"workers restored different checkpoints ({said}): every worker must see the same "
+                             "--workdir (a bucket path or one volume mounted by every pod), not a folder of its own")
+    if reports[-1] > 0:
+        raise Preempted(f"stopped by SIGTERM before training resumed at step {mine}; nothing new to save")
+    role = "chief" if state.is_chief else "worker"
+    print(f"{distribute.task_name(state.strategy)} ({role}): resuming at step {mine}", flush=True)
+
+
+def _train_epochs(cfg: TrainConfig, state: TrainState, source: data.Source, train_split: data.Split,
+                  steps: int, stop) -> list[dict]:
+    strategy = state.strategy
     if state.is_chief:
         cfg.save(cfg.workdir)
     train_step = make_train_step(state, cfg.loss, cfg.batch_size)
-    history = _read_history(cfg.workdir)
-    writer = (tf.summary.create_file_writer(str(Path(cfg.workdir) / "tensorboard")) if state.is_chief
+    # Records past the restored step came from a checkpoint that did not restore: they are redone.
+    history = [h for h in _read_history(cfg.workdir) if h["step"] <= int(state.step.numpy())]
+    writer = (tf.summary.create_file_writer(paths.join(cfg.workdir, "tensorboard")) if state.is_chief
               else tf.summary.create_noop_writer())
-    _log(state, f"training {cfg.model} on {cfg.dataset}: {len(x_train)} examples, {steps} steps/epoch, "
-                f"{strategy.num_replicas_in_sync} replica(s), resuming at step {int(state.step.numpy())}")
-    with stop or StopSignal() as stop, writer.as_default():
+    _log(state, f"training {cfg.model} on {cfg.dataset}: {train_split.count} examples, {steps} steps/epoch, "
+                f"{strategy.num_replicas_in_sync} replica(s)")
+    with writer.as_default():
         while int(state.step.numpy()) < cfg.epochs * steps:
             epoch = int(state.step.numpy()) // steps
-            loss, stopped = _run_epoch(cfg, state, train_step, x_train, epoch, steps, stop)
-            metrics = reconstruction_metrics(lambda x: state.autoencoder(x, training=False),
-                                             arrays.x_test, cfg.noise_factor)
+            loss, stopped = _run_epoch(cfg, state, train_step, train_split, epoch, steps, stop)
+            metrics = _held_out_metrics(cfg, state, source.test)
             record = {"epoch": epoch + 1, "step": int(state.step.numpy()), "loss": loss, **metrics}
             history.append(record)
             _write_epoch(state, cfg.workdir, record, history)
             if stopped and int(state.step.numpy()) < cfg.epochs * steps:
                 raise Preempted(f"stopped by SIGTERM at step {record['step']}; checkpoint saved, rerun to resume")
-    return state, history
+    return history
 
 
-def _run_epoch(cfg, state: TrainState, train_steps, x_train, epoch: int, steps: int, stop) -> tuple[float, bool]:
+def _as_source(source: data.Source | data.Arrays | None, cfg: TrainConfig) -> data.Source:
+    if isinstance(source, data.Arrays):
+        return source.source(cfg.dataset)
+    return source or data.load_source(cfg.dataset, cfg.data_dir, cfg.download)
+
+
+def _held_out_metrics(cfg: TrainConfig, state: TrainState, test: data.Split) -> dict:
+    """Each worker scores its own part of the test split; the sums are all-reduced, so every
+    worker gets the whole split's metrics for 1/N of the work."""
+    part = distribute.worker_part(state.strategy)
+    sums = evaluate.reconstruction_sums(lambda x: state.autoencoder(x, training=False), test,
+                                        cfg.noise_factor, part)
+    return evaluate.metrics_from_sums(distribute.sum_over_workers(state.strategy, sums), cfg.noise_factor)
+
+
+def _run_epoch(cfg, state: TrainState, train_steps, train_split: data.Split, epoch: int, steps: int,
+               stop) -> tuple[float, bool]:
     done = int(state.step.numpy()) - epoch * steps  # > 0 when resuming mid-epoch
     dataset = state.strategy.distribute_datasets_from_function(
-        lambda ctx: data.make_dataset(x_train, cfg.batch_size, noise_factor=cfg.noise_factor,
-                                      seed=cfg.seed + epoch, input_context=ctx, skip_batches=done))
+        lambda ctx: data.make_dataset(train_split, cfg.batch_size, noise_factor=cfg.noise_factor,
+                                      seed=cfg.seed + epoch, input_context=ctx, skip_batches=done,
+                                      input_groups=cfg.input_groups))
     iterator = iter(dataset)
-    total, count = 0.0, 0
+    if done == 0:
+        state.epoch_loss_sum.assign(0.0)
     bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
                disable=not (sys.stderr.isatty() and state.is_chief), leave=False)
     while done < steps:
         step = int(state.step.numpy())
         # Calls end on checkpoint steps, so checkpoints land exactly every checkpoint_every_steps.
         chunk = min(cfg.steps_per_loop, steps - done, cfg.checkpoint_every_steps - step % cfg.checkpoint_every_steps)
-        try:
-            loss, votes = train_steps(iterator, tf.constant(1.0 if stop.requested else 0.0), tf.constant(chunk))
-        except PEER_FAILURES as e:
-            last = tf.train.latest_checkpoint(str(Path(cfg.workdir) / "checkpoints")) or "none yet"
-            raise WorkerLost(f"{distribute.task_name(state.strategy)}: a peer worker failed or is unreachable "
-                             f"after step {step} ({type(e).__name__}: {e.message.splitlines()[0][:200]}); "
-                             f"restart the job to resume from the last checkpoint ({last})") from None
+        loss, votes = train_steps(iterator, tf.constant(1.0 if stop.requested else 0.0), tf.constant(chunk))
         done, step = done + chunk, step + chunk
-        total, count = total + float(loss) * chunk, count + chunk
+        state.epoch_loss_sum.assign_add(float(loss) * chunk)  # checkpointed with the step: a resume keeps it
         bar.set_postfix(loss=f"{float(loss):.4f}")
         bar.update(chunk)
         stopped = float(votes) > 0  # all-reduced: every worker sees the same answer
@@ -219,7 +373,7 @@ def _run_epoch(cfg, state: TrainState, train_steps, x_train, epoch: int, steps: 
             raise Preempted(f"stopped by SIGTERM at step {step}; checkpoint saved, rerun to resume")
     bar.close()
     # Stopped on the epoch's last step: the caller records the epoch first, then stops.
-    return total / max(count, 1), stopped
+    return float(state.epoch_loss_sum.numpy()) / steps, stopped
 
 
 def _write_epoch(state: TrainState, workdir: str, record: dict, history: list[dict]) -> None:
@@ -230,12 +384,12 @@ def _write_epoch(state: TrainState, workdir: str, record: dict, history: list[di
     for key, value in record.items():
         if isinstance(value, float):
             tf.summary.scalar(key, value, step=record["step"])
-    (Path(workdir) / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    paths.write_text(paths.join(workdir, "history.json"), json.dumps(history, indent=1) + "\n")
 
 
 def _read_history(workdir: str) -> list[dict]:
-    path = Path(workdir) / "history.json"
-    return json.loads(path.read_text()) if path.is_file() else []
+    path = paths.join(workdir, "history.json")
+    return json.loads(paths.read_text(path)) if paths.exists(path) else []
 
 
 def _log(state: TrainState, message: str) -> None:

@@ -1,0 +1,1 @@
+"""Storage shared by training and serving: user paths on local disks and object stores."""
