@@ -23,6 +23,17 @@ def pinned_to(cpus: set[int]):
     return lambda: os.sched_setaffinity(0, cpus)
 
 
+def self_signed_tls(folder: Path) -> tuple[Path, Path, Path]:
+    """(key, cert, ssl.config) for localhost, as `--ssl_config_file` takes them (needs openssl)."""
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    ssl_config = folder / "ssl.config"
+    ssl_config.write_text(f"server_key: {json.dumps(key.read_text())}\nserver_cert: {json.dumps(cert.read_text())}\n")
+    return key, cert, ssl_config
+
+
 class ServerProcess:
     def __init__(self, flags: list[str], log_path: Path, rest: bool = True, cpus: set[int] | None = None):
         self.grpc_port, self.rest_port = free_ports(2)

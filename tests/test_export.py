@@ -171,9 +171,12 @@ def subprocess_pid_that_exited() -> int:
     return proc.pid
 
 
-def test_object_store_publish_copies_saved_model_pb_last(trained, monkeypatch):
+def test_object_store_publish_copies_saved_model_pb_last(tmp_path, trained, monkeypatch):
     cfg, state, arrays = trained
-    cfg.model_base_path = "ram://export-order/models"  # ram:// takes the object-store path (no rename)
+    cfg.model_base_path = str(tmp_path / "models")
+    # Publish as on an object store (no rename), on local files. (Calling a SavedModel loaded from
+    # ram:// hung in verify_export on TF 2.21, so ram:// cannot stand in for a bucket here.)
+    monkeypatch.setattr(paths, "is_local", lambda path: False)
     copied, real_copy = [], tf.io.gfile.copy
 
     def recording_copy(src, dst, overwrite=False):
@@ -189,7 +192,7 @@ def test_object_store_publish_copies_saved_model_pb_last(trained, monkeypatch):
     monkeypatch.setattr(tf.io.gfile, "copy", recording_copy)
     version_dir, _ = jobs.export_trained(state, cfg, arrays)
     assert copied[-1].endswith("/1/saved_model.pb") and len(copied) > 3
-    assert paths.listdir("ram://export-order/models") == ["1"]  # the staging copy is gone
+    assert os.listdir(tmp_path / "models") == ["1"]  # the staging copy is gone
     assert "denoise" in tf.saved_model.load(version_dir).signatures
 
 

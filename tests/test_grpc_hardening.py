@@ -15,7 +15,6 @@ import random
 import re
 import shutil
 import signal
-import subprocess
 import time
 import tracemalloc
 import urllib.request
@@ -50,7 +49,7 @@ from serving.grpc_server import GrpcServer
 from serving.manager import ModelManager
 from serving.tensors import BROADCAST_LIMIT_BYTES, proto_to_ndarray
 from tests.model_fixtures import write_tf2
-from tests.server_process import running_server
+from tests.server_process import running_server, self_signed_tls
 from training.multiworker import free_ports
 
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
@@ -522,12 +521,7 @@ def refused_while_draining(server, channel, in_flight) -> None:
 
 @pytest.mark.slow
 def test_the_unix_socket_uses_the_tls_credentials_and_bad_files_fail_in_one_line(model_root, tmp_path, capsys):
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
-                   check=True, capture_output=True)
-    ssl_config = tmp_path / "ssl.config"
-    ssl_config.write_text(f"server_key: {json.dumps(key.read_text())}\nserver_cert: {json.dumps(cert.read_text())}\n")
+    key, cert, ssl_config = self_signed_tls(tmp_path)
     not_pem = tmp_path / "not_pem.config"
     not_pem.write_text('server_key: "garbage"\nserver_cert: "more garbage"\n')
     config = tmp_path / "models.config"

@@ -26,7 +26,7 @@ from tensorflow_serving.apis import (
 from serving import config_files
 from serving.tensors import ndarray_to_proto, proto_to_ndarray
 from tests.model_fixtures import write_tf2
-from tests.server_process import running_server
+from tests.server_process import running_server, self_signed_tls
 
 pytestmark = pytest.mark.slow
 
@@ -154,12 +154,7 @@ def _try_predict(channel):
 
 
 def test_tls_with_ssl_config_file(tmp_path):
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
-                   check=True, capture_output=True)
-    ssl_config = tmp_path / "ssl.config"
-    ssl_config.write_text(f"server_key: {json.dumps(key.read_text())}\nserver_cert: {json.dumps(cert.read_text())}\n")
+    key, cert, ssl_config = self_signed_tls(tmp_path)
     base = tmp_path / "model"
     write_tf2(base / "1")
     with running_server([f"--model_base_path={base}", f"--ssl_config_file={ssl_config}"],
