@@ -25,6 +25,7 @@ def train_job(cfg: TrainConfig) -> dict:
     others exit at once, so a restarted worker never waits for workers that finished.
     """
     tf_config = distribute.read_tf_config()
+    paths.check(cfg.workdir, "--workdir")  # before completed_step reads it: an unknown scheme is one line
     done = train.completed_step(cfg)
     if done is not None:
         return finished_job(cfg, tf_config, done)
