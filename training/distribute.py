@@ -324,13 +324,8 @@ def indexed_job_tf_config(index: int, num_workers: int, host_pattern: str, port:
 
 def worker_part(strategy: tf.distribute.Strategy) -> tuple[int, int]:
     """(this worker's index, number of workers): chief first, then the workers in order."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
-        return 0, 1
-    cluster = resolver.cluster_spec().as_dict()
-    tasks = [("chief", i) for i in range(len(cluster.get("chief", [])))] + \
-            [("worker", i) for i in range(len(cluster.get("worker", [])))]
-    return tasks.index((resolver.task_type, resolver.task_id)), len(tasks)
+    workers = worker_ids(strategy)
+    return workers.index(task_name(strategy)), len(workers)
 
 
 def sum_over_workers(strategy: tf.distribute.Strategy, values) -> tf.Tensor:
