@@ -168,5 +168,8 @@ def _files_under(root: str) -> list[str]:
     found = []
     for folder, _, names in tf.io.gfile.walk(root):
         relative_folder = posixpath.relpath(folder, root) if folder != root else ""
-        found.extend(posixpath.join(relative_folder, name) if relative_folder else name for name in names)
+        found.extend(posixpath.join(relative_folder, name) if relative_folder else name for name in names
+                     if tf.io.gfile.exists(posixpath.join(folder, name)))
+    # The exists() check: ram:// lists children by bare name prefix, so a SavedModel's assets/
+    # also "holds" .extra/tf_serving_warmup_requests (really assets.extra/...), a file that is not there.
     return found

@@ -208,7 +208,10 @@ def export_version(encoder: keras.Model, decoder: keras.Model, model_base_path: 
             try:
                 paths.publish_tree(staging, final, last="saved_model.pb")
             except tf.errors.OpError:
-                if paths.exists(final):  # another exporter took this number: take the next one
+                # Only a local rename fails because another exporter took this number. On object
+                # stores the copy itself failed and `final` holds our partial copy: retrying would
+                # publish a new partial version each round, forever.
+                if paths.is_local(final) and paths.exists(final):
                     continue
                 raise
             return final, True
