@@ -157,10 +157,14 @@ def publish_tree(staging: str, final: str, last: str) -> None:
         return
     files = sorted(_files_under(staging))
     files.sort(key=lambda relative: relative == last)  # `last` after everything else (stable)
-    for relative in files:
-        target = join(final, relative)
-        makedirs(posixpath.dirname(target))
-        tf.io.gfile.copy(join(staging, relative), target, overwrite=True)
+    try:
+        for relative in files:
+            target = join(final, relative)
+            makedirs(posixpath.dirname(target))
+            tf.io.gfile.copy(join(staging, relative), target, overwrite=True)
+    except tf.errors.OpError:
+        remove_tree(final)  # without `last` it was never complete; a poller must not keep finding it
+        raise
     remove_tree(staging)
 
 

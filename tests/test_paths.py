@@ -70,16 +70,16 @@ def test_check_writable(tmp_path):
         paths.check_writable(str(tmp_path / "file" / "sub"), "--model-base-path")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("where", ["ram", "local"])
 def test_train_export_serve_and_call_on_one_path_layer(where, tmp_path):
-    # The workdir (checkpoints, TensorBoard, history, config) on ram:// or local disk; the model on
-    # local disk: calling a SavedModel loaded from ram:// hung on TF 2.21 (see test_export.py).
+    # The workdir (checkpoints, TensorBoard, history, config) and the model base path on ram:// or
+    # local disk: the server polls, loads and serves the version from the same path layer.
     root = f"ram://e2e-{os.getpid()}" if where == "ram" else str(tmp_path)
     cfg = TrainConfig(model="dense", epochs=1, max_examples=256, batch_size=64, workdir=paths.join(root, "run"),
-                      model_base_path=str(tmp_path / "models"))
+                      model_base_path=paths.join(root, "models"))
     result = jobs.train_job(cfg)
-    assert result["export"] == str(tmp_path / "models" / "1")
+    assert result["export"] == paths.join(root, "models", "1")
+    assert paths.listdir(cfg.model_base_path) == ["1"]  # no staging copy, no partial version left
     for name in ("config.json", "history.json", "checkpoints", "tensorboard"):
         assert paths.exists(paths.join(root, "run", name)), name
     if where == "local":
