@@ -39,6 +39,10 @@ class WorkerLost(RuntimeError):
     """A collective failed because a peer died or became unreachable; rerun the job to resume."""
 
     exit_code = 1
+    # After a peer loss TensorFlow's coordination agent still runs its heartbeat thread; the
+    # interpreter's teardown racing it sometimes ended the cut-off worker in SIGSEGV (issue 19), so
+    # the CLI leaves through os._exit right after printing the one line.
+    abandon_process = True
 
 
 class CheckpointUnusable(RuntimeError):
