@@ -39,9 +39,9 @@ class WorkerLost(RuntimeError):
     """A collective failed because a peer died or became unreachable; rerun the job to resume."""
 
     exit_code = 1
-    # After a peer loss TensorFlow's coordination agent still runs its heartbeat thread; the
-    # interpreter's teardown racing it sometimes ended the cut-off worker in SIGSEGV (issue 19), so
-    # the CLI leaves through os._exit right after printing the one line.
+    # The cut-off worker sometimes died in SIGSEGV inside TensorFlow's coordination agent after
+    # a peer loss (issue 19), most likely during the teardown that follows our one line (the
+    # stack was not captured), so the CLI leaves through os._exit right after printing it.
     abandon_process = True
 
 
