@@ -39,6 +39,10 @@ class WorkerLost(RuntimeError):
     """A collective failed because a peer died or became unreachable; rerun the job to resume."""
 
     exit_code = 1
+    # The cut-off worker sometimes died in SIGSEGV inside TensorFlow's coordination agent after
+    # a peer loss (issue 19), most likely during the teardown that follows our one line (the
+    # stack was not captured), so the CLI leaves through os._exit right after printing it.
+    abandon_process = True
 
 
 class CheckpointUnusable(RuntimeError):
