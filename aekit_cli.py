@@ -56,6 +56,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                         "(default 900: pods may start minutes apart)")
     p.add_argument("--checkpoint-every-steps", type=int)
     p.add_argument("--steps-per-loop", type=int, help="training steps per tf.function call")
+    p.add_argument("--precision", help="float32 | mixed_bfloat16 (Ampere+ GPUs, TPUs, AVX512_BF16 CPUs) "
+                                       "| mixed_float16 (Volta/Turing GPUs; loss-scaled)")
+    p.add_argument("--profile-steps", metavar="START,END",
+                   help="write a TensorBoard profiler trace of global steps START..END on the chief")
     p.add_argument("--max-examples", type=int, help="keep only the first N training examples")
     p.add_argument("--normal-classes", help="anomaly detection: train on these labels only, e.g. 3 or 0,1,7")
     p.add_argument("--threshold-fpr", type=float,

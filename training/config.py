@@ -17,6 +17,7 @@ from storage import paths
 MODELS = ("dense", "conv")
 LOSSES = ("bce", "mse")
 COLLECTIVES = ("auto", "ring", "nccl")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 DEFAULT_LATENT_DIM = {"dense": 32, "conv": 128}
 
 
@@ -45,6 +46,8 @@ class TrainConfig:
     collective_timeout_seconds: float = 300.0  # how long a silent peer is tolerated (collectives and heartbeat)
     rendezvous_timeout_seconds: float = 900.0  # how long a worker waits for the others to start (pods minutes apart)
     checkpoint_every_steps: int = 100  # also saved at every epoch end and on SIGTERM
+    precision: str = "float32"  # float32 | mixed_bfloat16 (Ampere+ GPUs, TPUs, AVX512_BF16 CPUs) | mixed_float16 (Volta/Turing)
+    profile_steps: str = ""  # "START,END": a TensorBoard profiler trace of these global steps on the chief; "" = off
     steps_per_loop: int = 20  # steps per tf.function call: fewer Python round trips; SIGTERM is seen between calls
     anomaly_quantile: float = 0.99  # held-out error quantile used as the anomaly threshold
     threshold_fpr: float = 0.0  # >0: threshold flags this fraction of held-out normal data; 0 = 1 - anomaly_quantile
@@ -68,6 +71,8 @@ class TrainConfig:
         _check_choice("model", self.model, MODELS)
         _check_choice("loss", self.loss, LOSSES)
         _check_choice("collective", self.collective, COLLECTIVES)
+        _check_choice("precision", self.precision, PRECISIONS)
+        self.profile_range  # noqa: B018 -- parses, so a bad --profile-steps fails before training
         _check_positive("epochs", self.epochs)
         _check_positive("batch-size", self.batch_size)
         _check_positive("latent-dim", self.latent_dim)
@@ -86,6 +91,20 @@ class TrainConfig:
             raise ConfigError(f"--threshold-fpr must be in (0, 0.5), got {self.threshold_fpr}")
         if self.num_logical_devices < 0:
             raise ConfigError("--num-logical-devices must be 0 (off) or a positive count")
+
+    @property
+    def profile_range(self) -> tuple[int, int] | None:
+        """(start, end) global steps of --profile-steps, both included, or None when off."""
+        if not self.profile_steps:
+            return None
+        parts = self.profile_steps.split(",")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ConfigError(f"--profile-steps must be START,END (two step numbers, e.g. 10,20); "
+                              f"got {self.profile_steps!r}")
+        start, end = (int(p) for p in parts)
+        if not 0 < start <= end:
+            raise ConfigError(f"--profile-steps needs 0 < START <= END; got {self.profile_steps!r}")
+        return start, end
 
     @property
     def calibration_fpr(self) -> float:

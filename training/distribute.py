@@ -135,13 +135,24 @@ def make_strategy(num_logical_devices: int = 0, collective: str = "auto",
     if num_workers(tf_config) > 1:
         return _multi_worker_strategy(tf_config, collective, collective_timeout_seconds, rendezvous_timeout_seconds)
     gpus = tf.config.list_physical_devices("GPU")
+    enable_memory_growth(gpus)
     if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy()
+        # NCCL all-reduce between GPUs; the CPU paths keep MirroredStrategy's own default.
+        return tf.distribute.MirroredStrategy(cross_device_ops=tf.distribute.NcclAllReduce())
     if num_logical_devices > 1 and not gpus:
         configure_logical_devices(num_logical_devices)
         devices = [d.name for d in tf.config.list_logical_devices("CPU")[:num_logical_devices]]
         return tf.distribute.MirroredStrategy(devices)
     return tf.distribute.get_strategy()
+
+
+def enable_memory_growth(gpus) -> None:
+    """GPU memory allocated as needed, not all at start: a trainer and a server can share a GPU node."""
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            return  # TensorFlow already used the GPUs: their memory setting is fixed for this process
 
 
 def _multi_worker_strategy(tf_config: dict, collective: str, timeout_seconds: float,

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import hashlib
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from storage import paths
-from training import anomaly, data, distribute, export, models, train
+from training import anomaly, data, distribute, export, models, precision, train
 from training.config import ConfigError, TrainConfig
 from training.evaluate import EVAL_BATCH, evaluate_saved_model
 
@@ -104,19 +105,24 @@ def export_trained(state: train.TrainState, cfg: TrainConfig, source: data.Sourc
     unless this training step with these weights and this threshold's false-positive rate is
     already published: (version folder, created). A new rate (export --threshold-fpr) is a new version."""
     test = source.source().test if isinstance(source, data.Arrays) else source.test
-    errors = held_out_errors(state, test)
+    # float32 layers with the trained (float32) weights: the served model is float32 in and out
+    # whatever --precision trained it; the threshold and verify_export use these same halves.
+    encoder, decoder = precision.float32_copy(state.encoder), precision.float32_copy(state.decoder)
+    errors = held_out_errors(state, test, models.chain(encoder, decoder))
     threshold = export.calibrate_threshold(errors, cfg.calibration_fpr)
     print(threshold.describe(), flush=True)
     sample = next(iter(data.eval_dataset(data.limit(test, SAMPLE_IMAGES), SAMPLE_IMAGES)))[1].numpy()
     identity = {"step": int(state.step.numpy()), "weights_sha256": weights_fingerprint(state),
                 "threshold_fpr": threshold.fpr}
-    return export.export_version(state.encoder, state.decoder, cfg.model_base_path, threshold, sample,
+    return export.export_version(encoder, decoder, cfg.model_base_path, threshold, sample,
                                  identity, cfg.force_export if force is None else force)
 
 
-def held_out_errors(state: train.TrainState, test: data.Split | np.ndarray) -> np.ndarray:
-    """Per-example reconstruction MSE on the test split, streamed in batches."""
-    errors = [models.reconstruction_error(clean, state.autoencoder(clean, training=False)).numpy()
+def held_out_errors(state: train.TrainState, test: data.Split | np.ndarray,
+                    autoencoder: keras.Model | None = None) -> np.ndarray:
+    """Per-example reconstruction MSE on the test split (of `autoencoder`, default the state's), in batches."""
+    autoencoder = autoencoder or state.autoencoder
+    errors = [models.reconstruction_error(clean, autoencoder(clean, training=False)).numpy()
               for clean, _ in data.eval_dataset(test, EVAL_BATCH)]
     return np.concatenate(errors)
 

@@ -17,6 +17,10 @@ from keras import layers
 
 from training.config import ConfigError
 
+# The reconstruction layer stays float32 under mixed precision: a 16-bit sigmoid saturates and
+# the loss's log(p) of it loses the small errors training needs (keras mixed precision guide).
+OUTPUT_DTYPE = "float32"
+
 
 def build_dense(input_shape, latent_dim: int, widths=(256, 128)) -> tuple[keras.Model, keras.Model]:
     inputs = keras.Input(input_shape, name="images")
@@ -30,8 +34,8 @@ def build_dense(input_shape, latent_dim: int, widths=(256, 128)) -> tuple[keras.
     x = code
     for width in reversed(widths):
         x = layers.Dense(width, activation="relu")(x)
-    x = layers.Dense(math.prod(input_shape), activation="sigmoid")(x)
-    outputs = layers.Reshape(input_shape, name="reconstruction")(x)
+    x = layers.Dense(math.prod(input_shape), activation="sigmoid", dtype=OUTPUT_DTYPE)(x)
+    outputs = layers.Reshape(input_shape, name="reconstruction", dtype=OUTPUT_DTYPE)(x)
     return encoder, keras.Model(code, outputs, name="decoder")
 
 
@@ -58,7 +62,8 @@ def build_conv(input_shape, latent_dim: int, widths=(32, 64)) -> tuple[keras.Mod
     x = layers.Reshape(small)(x)
     for filters in reversed(widths):
         x = layers.Conv2DTranspose(filters, 3, strides=2, padding="same", activation="relu")(x)
-    outputs = layers.Conv2D(channels, 3, padding="same", activation="sigmoid", name="reconstruction")(x)
+    outputs = layers.Conv2D(channels, 3, padding="same", activation="sigmoid", name="reconstruction",
+                            dtype=OUTPUT_DTYPE)(x)
     return encoder, keras.Model(code, outputs, name="decoder")
 
 

@@ -18,6 +18,7 @@ import re
 import signal
 import sys
 import threading
+import time
 
 import keras
 import numpy as np
@@ -25,7 +26,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from storage import paths
-from training import data, distribute, evaluate, models
+from training import data, distribute, evaluate, models, observe, precision
 from training.config import ConfigError, TrainConfig
 
 
@@ -95,10 +96,10 @@ def build_state(cfg: TrainConfig, input_shape, strategy: tf.distribute.Strategy,
                 steps_per_epoch: int = 0) -> TrainState:
     """Models and optimizer under the strategy's scope, restored from the newest checkpoint that restores."""
     keras.utils.set_random_seed(cfg.seed)
-    with strategy.scope():
+    with strategy.scope(), precision.policy(cfg.precision):
         encoder, decoder = models.build_autoencoder(cfg.model, input_shape, cfg.latent_dim)
         autoencoder = models.chain(encoder, decoder)
-        optimizer = keras.optimizers.Adam(cfg.learning_rate)
+        optimizer = precision.make_optimizer(cfg.precision, cfg.learning_rate)
         optimizer.build(autoencoder.trainable_variables)  # slots exist before restore
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         epoch_loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="epoch_loss_sum")
@@ -197,14 +198,18 @@ def make_train_step(state: TrainState, loss_kind: str, global_batch: int):
     (like Keras' steps_per_execution); the loop stays inside one graph on every strategy.
     """
     strategy, autoencoder, optimizer = state.strategy, state.autoencoder, state.optimizer
+    scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
     def replica_step(batch):
         noisy, clean = batch
         with tf.GradientTape() as tape:
             reconstruction = autoencoder(noisy, training=True)
-            loss = tf.nn.compute_average_loss(per_example_loss(clean, reconstruction, loss_kind),
+            loss = tf.nn.compute_average_loss(per_example_loss(clean, tf.cast(reconstruction, tf.float32), loss_kind),
                                               global_batch_size=global_batch)
-        grads = tape.gradient(loss, autoencoder.trainable_variables)
+            scaled = optimizer.scale_loss(loss)  # LossScaleOptimizer (float16) scales; Adam returns it as is
+        grads = tape.gradient(scaled, autoencoder.trainable_variables)
+        if scaling:
+            grads = precision.agree_on_finite(grads)  # apply_gradients unscales and skips overflowed steps
         optimizer.apply_gradients(zip(grads, autoencoder.trainable_variables))
         return loss
 
@@ -260,6 +265,7 @@ def train_and_evaluate(cfg: TrainConfig, source: data.Source | data.Arrays | Non
     train_split = data.limit(source.train, cfg.max_examples)
     steps = data.steps_per_epoch(train_split.count, cfg.batch_size)
     check_batch_fits(cfg.batch_size, strategy)  # before anything is written to the workdir
+    precision.warn_if_slow(cfg.precision)
     with contextlib.nullcontext(stop) if stop else StopSignal() as stop, _peers_required(strategy, cfg.workdir):
         state = build_state(cfg, source.input_shape, strategy, steps)
         agree_on_start(state, stop)
@@ -317,20 +323,29 @@ def _train_epochs(cfg: TrainConfig, state: TrainState, source: data.Source, trai
     train_step = make_train_step(state, cfg.loss, cfg.batch_size)
     # Records past the restored step came from a checkpoint that did not restore: they are redone.
     history = [h for h in _read_history(cfg.workdir) if h["step"] <= int(state.step.numpy())]
-    writer = (tf.summary.create_file_writer(paths.join(cfg.workdir, "tensorboard")) if state.is_chief
-              else tf.summary.create_noop_writer())
-    _log(state, f"training {cfg.model} on {cfg.dataset}: {train_split.count} examples, {steps} steps/epoch, "
-                f"{strategy.num_replicas_in_sync} replica(s)")
-    with writer.as_default():
+    logdir = paths.join(cfg.workdir, "tensorboard")
+    writer = tf.summary.create_file_writer(logdir) if state.is_chief else tf.summary.create_noop_writer()
+    profiler = observe.Profiler(cfg.profile_range, logdir, state.is_chief)
+    _log(state, f"training {cfg.model} on {cfg.dataset} in {cfg.precision}: {train_split.count} examples, "
+                f"{steps} steps/epoch, {strategy.num_replicas_in_sync} replica(s)")
+    held_out = observe.held_out_examples(source, observe.PROJECTOR_EXAMPLES) if state.is_chief else None
+    with writer.as_default(), contextlib.ExitStack() as cleanup:
+        cleanup.callback(profiler.stop)  # a run that ends or fails inside the range still writes its trace
+        if state.is_chief:
+            observe.write_hparams(cfg)
         while int(state.step.numpy()) < cfg.epochs * steps:
             epoch = int(state.step.numpy()) // steps
-            loss, stopped = _run_epoch(cfg, state, train_step, train_split, epoch, steps, stop)
+            loss, stopped = _run_epoch(cfg, state, train_step, train_split, epoch, steps, stop, profiler)
             metrics = _held_out_metrics(cfg, state, source.test)
             record = {"epoch": epoch + 1, "step": int(state.step.numpy()), "loss": loss, **metrics}
             history.append(record)
             _write_epoch(state, cfg.workdir, record, history)
+            if state.is_chief:
+                observe.write_images(state.autoencoder, held_out[0][:observe.IMAGES], cfg.noise_factor, record["step"])
             if stopped and int(state.step.numpy()) < cfg.epochs * steps:
                 raise Preempted(f"stopped by SIGTERM at step {record['step']}; checkpoint saved, rerun to resume")
+        if state.is_chief:
+            observe.write_projector(state.encoder, *held_out, logdir)
     return history
 
 
@@ -350,7 +365,7 @@ def _held_out_metrics(cfg: TrainConfig, state: TrainState, test: data.Split) -> 
 
 
 def _run_epoch(cfg, state: TrainState, train_steps, train_split: data.Split, epoch: int, steps: int,
-               stop) -> tuple[float, bool]:
+               stop, profiler: observe.Profiler) -> tuple[float, bool]:
     done = int(state.step.numpy()) - epoch * steps  # > 0 when resuming mid-epoch
     dataset = state.strategy.distribute_datasets_from_function(
         lambda ctx: data.make_dataset(train_split, cfg.batch_size, noise_factor=cfg.noise_factor,
@@ -364,11 +379,20 @@ def _run_epoch(cfg, state: TrainState, train_steps, train_split: data.Split, epo
     while done < steps:
         step = int(state.step.numpy())
         # Calls end on checkpoint steps, so checkpoints land exactly every checkpoint_every_steps.
-        chunk = min(cfg.steps_per_loop, steps - done, cfg.checkpoint_every_steps - step % cfg.checkpoint_every_steps)
+        # They also end where a --profile-steps range starts and ends, so the trace holds exactly it.
+        chunk = min(cfg.steps_per_loop, steps - done, cfg.checkpoint_every_steps - step % cfg.checkpoint_every_steps,
+                    *(b - step for b in profiler.boundaries() if b > step))
+        profiler.before(step)
+        started = time.perf_counter()
         loss, votes = train_steps(iterator, tf.constant(1.0 if stop.requested else 0.0), tf.constant(chunk))
+        loss = float(loss)  # waits for the call: the time below is the steps', not their dispatch
+        images_per_second = chunk * cfg.batch_size / (time.perf_counter() - started)
         done, step = done + chunk, step + chunk
-        state.epoch_loss_sum.assign_add(float(loss) * chunk)  # checkpointed with the step: a resume keeps it
-        bar.set_postfix(loss=f"{float(loss):.4f}")
+        profiler.after(step)
+        state.epoch_loss_sum.assign_add(loss * chunk)  # checkpointed with the step: a resume keeps it
+        _write_throughput(state, images_per_second, step)
+        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_second:.0f}",
+                        per_replica=f"{images_per_second / state.strategy.num_replicas_in_sync:.0f}")
         bar.update(chunk)
         stopped = float(votes) > 0  # all-reduced: every worker sees the same answer
         if stopped or step % cfg.checkpoint_every_steps == 0 or done == steps:
@@ -378,6 +402,13 @@ def _run_epoch(cfg, state: TrainState, train_steps, train_split: data.Split, epo
     bar.close()
     # Stopped on the epoch's last step: the caller records the epoch first, then stops.
     return float(state.epoch_loss_sum.numpy()) / steps, stopped
+
+
+def _write_throughput(state: TrainState, images_per_second: float, step: int) -> None:
+    """Images/s of the last call (global, and per replica) as TensorBoard scalars at its last step."""
+    tf.summary.scalar("images_per_second", images_per_second, step=step)
+    tf.summary.scalar("images_per_second_per_replica", images_per_second / state.strategy.num_replicas_in_sync,
+                      step=step)
 
 
 def _write_epoch(state: TrainState, workdir: str, record: dict, history: list[dict]) -> None:

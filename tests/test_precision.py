@@ -1,0 +1,93 @@
+"""Mixed precision, the TensorBoard views and --profile-steps, on tiny models (CPU; GPU test skips)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.test_train import cfg_for, one_step_weights
+from training import data, jobs, observe, precision, train
+from training.config import ConfigError
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    arrays = data.load_arrays("mnist-sample")
+    return data.Arrays(arrays.x_train[:128], arrays.y_train[:128], arrays.x_test[:64], arrays.y_test[:64])
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_a_mixed_step_is_finite_keeps_float32_variables_and_exports_float32(tmp_path, tiny, policy):
+    cfg = cfg_for(tmp_path, model="conv", latent_dim=8, epochs=1, batch_size=64, precision=policy,
+                  max_examples=64, model_base_path=str(tmp_path / "models"))
+    with pytest.warns(UserWarning, match="slower") if policy == "mixed_float16" else contextlib.nullcontext():
+        state, history = train.train_and_evaluate(cfg, tiny, tf.distribute.get_strategy())
+    assert np.isfinite(history[-1]["loss"]) and history[-1]["step"] == 1
+    assert precision.is_mixed(state.encoder)
+    assert {v.dtype for v in state.autoencoder.weights} == {"float32"}
+    version_dir, created = jobs.export_trained(state, cfg, tiny)  # verify_export runs inside
+    assert created
+    loaded = tf.saved_model.load(version_dir)
+    for name, fn in loaded.signatures.items():
+        inputs = fn.structured_input_signature[1].values()
+        assert {spec.dtype for spec in inputs} == {tf.float32}, name
+        floats = {t.dtype for t in fn.structured_outputs.values() if t.dtype.is_floating}
+        assert floats == {tf.float32}, name
+
+
+def test_tensorboard_has_images_throughput_hparams_projector_and_the_profile(tmp_path, tiny):
+    cfg = cfg_for(tmp_path, model="conv", latent_dim=8, epochs=1, batch_size=32, noise_factor=0.3,
+                  max_examples=96, steps_per_loop=20, profile_steps="2,3")
+    train.train_and_evaluate(cfg, tiny, tf.distribute.get_strategy())
+    logdir = tmp_path / "run" / "tensorboard"
+    tags, plugins = set(), set()
+    for events in logdir.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(events)):
+            for value in event.summary.value:
+                tags.add(value.tag)
+                plugins.add(value.metadata.plugin_data.plugin_name)
+    assert {"inputs", "noisy_inputs", "reconstructions", "images_per_second", "images_per_second_per_replica",
+            "loss", "mse"} <= tags
+    assert {"images", "hparams", "scalars"} <= plugins
+    projector = logdir / observe.PROJECTOR_DIR
+    labels = (projector / "metadata.tsv").read_text().split()
+    assert labels == [str(y) for y in tiny.y_test[:len(labels)]] and len(labels) == len(tiny.y_test)
+    codes = tf.train.load_checkpoint(str(projector / "embedding.ckpt")).get_tensor(observe.EMBEDDING_TENSOR)
+    assert codes.shape == (len(labels), 8)
+    assert observe.EMBEDDING_TENSOR in (logdir / "projector_config.pbtxt").read_text()
+    assert list((logdir / "plugins" / "profile").glob("*/*.xplane.pb"))
+
+
+def test_profile_steps_split_the_loop_calls_at_the_range():
+    profiler = observe.Profiler((5, 12), "unused", enabled=True)
+    assert profiler.boundaries() == (4, 12)
+    assert observe.Profiler((5, 12), "unused", enabled=False).boundaries() == ()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"precision": "float16"}, "--precision must be one of float32, mixed_float16, mixed_bfloat16"),
+    ({"profile_steps": "7"}, "--profile-steps must be START,END"),
+    ({"profile_steps": "a,b"}, "--profile-steps must be START,END"),
+    ({"profile_steps": "9,3"}, "--profile-steps needs 0 < START <= END"),
+])
+def test_bad_precision_or_profile_steps_is_one_line(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        cfg_for(tmp_path, **overrides)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(not tf.config.list_physical_devices("GPU"), reason="no GPU visible to TensorFlow")
+def test_one_step_on_the_gpus_equals_one_device(tmp_path, tiny):
+    from training import distribute
+
+    strategy = distribute.make_strategy()
+    cfg = cfg_for(tmp_path, learning_rate=1e-2)
+    init_one, after_one = one_step_weights(cfg, tiny, tf.distribute.OneDeviceStrategy("/gpu:0"))
+    init_all, after_all = one_step_weights(cfg, tiny, strategy)
+    for a, b in zip(init_one, init_all):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(after_one, after_all):
+        np.testing.assert_allclose(a, b, atol=2e-6)
