@@ -64,6 +64,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normal-classes", help="anomaly detection: train on these labels only, e.g. 3 or 0,1,7")
     p.add_argument("--threshold-fpr", type=float,
                    help="anomaly threshold that flags this fraction of held-out normal data (default 0.01)")
+    p.add_argument("--probe", action="store_true", default=None,
+                   help="export also a classify signature: a linear probe fitted on the training split's codes")
     p.add_argument("--input-groups", type=int, help="streamed data: file sets per global batch (0: one per worker)")
     p.add_argument("--force-export", action="store_true", default=None,
                    help="export even if this training step is already exported")
@@ -114,7 +116,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from training import jobs
 
-    version_dir, created = jobs.export_job(args.workdir, args.model_base_path, args.force, args.threshold_fpr)
+    version_dir, created = jobs.export_job(args.workdir, args.model_base_path, args.force, args.threshold_fpr,
+                                           args.probe)
     print(f"exported {version_dir}" if created else f"already exported as {version_dir} (--force to export again)")
     return 0
 
@@ -131,6 +134,14 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from training import jobs
 
+    if args.probe and args.anomaly:
+        raise UserError("--probe and --anomaly are separate evaluations; give one")
+    if args.probe:
+        from training import probe
+
+        metrics = probe.evaluate_probe(args.model_base_path, args.dataset, args.data_dir)
+        print(json.dumps(metrics) if args.json else probe.format_report(metrics))
+        return 0
     if args.anomaly:
         from training import anomaly
 
@@ -206,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold-fpr", type=float,
                    help="recalibrate the anomaly threshold to this held-out false-positive rate")
     p.add_argument("--force", action="store_true", help="export even if this training step is already exported")
+    p.add_argument("--probe", action="store_true",
+                   help="add classify signatures: a linear probe fitted on the training split's codes")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("data", help="prepare data: `aekit data convert` writes TFRecord shards")
@@ -228,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="detection quality: AUROC, average precision, and FPR/recall/precision/F1 at the threshold")
     p.add_argument("--normal-classes", help="with --anomaly: the labels the model was trained on; the rest are anomalies")
     p.add_argument("--anomalies", metavar="SRC", help="with --anomaly: a separate source of anomalies")
+    p.add_argument("--probe", action="store_true",
+                   help="recognition: linear-probe and k-NN accuracy of the codes, beside raw pixels and PCA")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("serve", add_help=False,

@@ -158,6 +158,11 @@ class BaseClient:
         error, the input's shape} (the last two from models exported since they were added)."""
         return self.predict("score", images, **which)
 
+    def classify(self, images, **which) -> dict[str, np.ndarray]:
+        """images -> {"classes": int64 predicted label per image, "scores": float32 (N, K), one
+        probability per class} (models exported with --probe)."""
+        return self.predict("classify", images, **which)
+
     def input_shape(self, signature_name: str = "denoise", **which) -> tuple[int, ...]:
         signature = self.signatures(**which)[signature_name]
         return signature.inputs[signature.input_alias].shape

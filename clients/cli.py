@@ -3,6 +3,7 @@
     aekit client denoise --server localhost:8500 --model autoencoder --input digits/ --output clean/
     aekit client score --server localhost:8501 --rest --model autoencoder --input x.npy
     aekit client status --server localhost:8500 --model autoencoder
+    aekit client classify --server localhost:8500 --model autoencoder --input digits/   # export --probe
 
 gRPC by default, REST with --rest. Errors print one line and exit non-zero.
 """
@@ -16,11 +17,11 @@ import numpy as np
 
 from clients.base import LOAD_BALANCING_POLICIES
 
-METHODS = ("encode", "decode", "denoise", "score", "status", "metadata")
+METHODS = ("encode", "decode", "denoise", "score", "classify", "status", "metadata")
 
 
 def add_client_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("client", help="call encode/decode/denoise/score/status/metadata on a server")
+    p = subparsers.add_parser("client", help="call encode/decode/denoise/score/classify/status/metadata on a server")
     p.add_argument("method", choices=METHODS)
     p.add_argument("--server", default="localhost:8500",
                    help="HOST:PORT (the REST port with --rest); gRPC also dns:///HOST:PORT, ipv4:IP:PORT,IP:PORT")
@@ -74,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         raise ClientError(f"aekit client {args.method} needs --input", "INVALID_ARGUMENT")
     signature = client.signatures()[args.method] if args.method in client.signatures() else None
     if signature is None:
-        raise ClientError(f"model {args.model} has no {args.method!r} signature", "INVALID_ARGUMENT")
+        hint = " (export it with `aekit export --probe` or train with --probe)" if args.method == "classify" else ""
+        raise ClientError(f"model {args.model} has no {args.method!r} signature{hint}", "INVALID_ARGUMENT")
     batch = io.load_input(args.input, signature.inputs[signature.input_alias].shape)
     if args.add_noise > 0:
         noise = np.random.default_rng(0).normal(0.0, args.add_noise, batch.shape).astype(np.float32)
@@ -93,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
             written = io.save_output(maps, args.error_map)
             print(f"wrote {len(written)} error map(s) to {args.error_map}")
         return 0
+    if args.method == "classify":
+        return _print_classes(client.classify(batch), args.output)
     output = getattr(client, args.method)(batch)
     if args.output:
         written = io.save_output(output, args.output)
@@ -100,6 +104,18 @@ def run(args: argparse.Namespace) -> int:
               f"shape {output.shape}")
     else:
         print(json.dumps({"shape": list(output.shape), "mean": float(np.mean(output))}))
+    return 0
+
+
+def _print_classes(result: dict[str, np.ndarray], output: str | None) -> int:
+    """One line per image: its predicted class and that class's probability (the confidence)."""
+    from clients import io
+
+    confidence = np.max(result["scores"], axis=1)
+    for i, (cls, p) in enumerate(zip(result["classes"], confidence)):
+        print(f"{i:5d}  class {int(cls)}  confidence {float(p):.4f}")
+    if output:
+        io.save_output(np.stack([result["classes"].astype(np.float32), confidence], axis=1), output)
     return 0
 
 

@@ -17,10 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import tensorflow as tf
 from sklearn import metrics
 
-from training import data, records
+from training import data
 from training.config import ConfigError
 from training.evaluate import load_latest_version
 
@@ -92,22 +91,10 @@ def score_examples(score, x: np.ndarray | data.Split) -> dict[str, np.ndarray]:
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
-def _labelled_batches(split: data.Split):
-    """(images in [0, 1], labels) batches of a split, in order; streamed splits are read from their files."""
-    if split.in_memory:
-        for start in range(0, split.count, SCORE_BATCH):
-            yield (data.scale_to_unit(split.x[start:start + SCORE_BATCH]),
-                   np.asarray(split.y[start:start + SCORE_BATCH]))
-        return
-    for serialized in tf.data.TFRecordDataset(list(split.files)).batch(SCORE_BATCH):
-        yield (data.scale_to_unit(records.parse_batch(serialized, split.fmt)),
-               records.parse_labels(serialized).numpy())
-
-
 def score_split(score, split: data.Split) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The score signature's per-example outputs (no error_map: it is the input's size) and the labels."""
     parts, labels = [], []
-    for images, y in _labelled_batches(split):
+    for images, y in data.labelled_batches(split, SCORE_BATCH):
         parts.append({k: v.numpy() for k, v in score(images=images).items() if k != "error_map"})
         labels.append(y)
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}, np.concatenate(labels)

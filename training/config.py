@@ -55,6 +55,7 @@ class TrainConfig:
     max_examples: int = 0  # >0 keeps only the first N training examples (smoke runs, tests)
     input_groups: int = 0  # streamed sources: each global batch comes from this many disjoint file sets;
     #                        0 = one per worker. Fix it (e.g. to 4) for the same batches on 1, 2 or 4 workers
+    probe: bool = False  # export also classify signatures: a linear probe fitted on the training split's codes
     force_export: bool = False  # export even when a version of this training step already exists
     smoke: bool = False  # seconds-long run: 1 epoch on 512 examples
 

@@ -96,6 +96,16 @@ def eval_dataset(split: Split | np.ndarray, batch_size: int, *, noise_factor: fl
     return ds
 
 
+def labelled_batches(split: Split, batch_size: int):
+    """(images in [0, 1], labels) batches of a split, in order; streamed splits are read from their files."""
+    if split.in_memory:
+        for start in range(0, split.count, batch_size):
+            yield (scale_to_unit(split.x[start:start + batch_size]), np.asarray(split.y[start:start + batch_size]))
+        return
+    for serialized in tf.data.TFRecordDataset(list(split.files)).batch(batch_size):
+        yield scale_to_unit(records.parse_batch(serialized, split.fmt)), records.parse_labels(serialized).numpy()
+
+
 def gaussian_noise(shape: tf.Tensor, seed: tf.Tensor, first_row: int | tf.Tensor = 0) -> tf.Tensor:
     """Standard normal float32 values of `shape` [rows, ...]: rows first_row.. of the batch-wide
     stream that `seed` (a stateless pair) names.

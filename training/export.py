@@ -2,6 +2,7 @@
 
     aekit export --workdir runs/ae --model-base-path models/autoencoder     # or gs://bucket/models/ae
     # -> models/autoencoder/<N+1>/ with signatures encode, decode, denoise, score, serving_default
+    aekit export --probe ...   # also classify (Predict) and classify_examples (TF Serving's Classify API)
 
 The version is written under a hidden staging name beside the versions (TF Serving ignores
 non-numeric children), checked by loading it back, then published so that a server polling the
@@ -33,17 +34,25 @@ import time
 import keras
 import numpy as np
 import tensorflow as tf
-from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+from tensorflow_serving.apis import (
+    classification_pb2,
+    input_pb2,
+    model_pb2,
+    predict_pb2,
+    prediction_log_pb2,
+)
 
 from storage import paths
 from training import models
 from training.config import ConfigError
+from training.probe import LinearProbe
 
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
 IDENTITY_FILE = "assets.extra/aekit_export.json"  # training step and weights hash; servers ignore it
 WARMUP_RECORDS_PER_SIGNATURE = 2
 CHECK_TOLERANCE = 1e-4  # float32 reorderings between Keras and the traced graph stay far below this
 STAGING_PREFIX = ".tmp-export-"
+EXAMPLE_FEATURE = "images"  # classify_examples: the tf.Example float feature holding an image's H*W*C values
 STALE_STAGING_SECONDS = 3600  # a staging folder untouched this long belongs to no live export (one takes seconds)
 
 
@@ -88,7 +97,8 @@ def calibrate_threshold(errors: np.ndarray, fpr: float) -> Threshold:
     return Threshold(float(errors[len(errors) - flagged - 1]), fpr, len(errors))
 
 
-def build_archive(encoder: keras.Model, decoder: keras.Model, threshold: Threshold) -> keras.export.ExportArchive:
+def build_archive(encoder: keras.Model, decoder: keras.Model, threshold: Threshold,
+                  probe: LinearProbe | None = None) -> keras.export.ExportArchive:
     """The serving signatures, with named inputs and outputs and a free batch dimension.
 
     score returns the threshold and its false-positive rate as outputs because outputs are all a
@@ -128,10 +138,55 @@ def build_archive(encoder: keras.Model, decoder: keras.Model, threshold: Thresho
                            ("denoise", denoise, image_spec), ("score", score, image_spec),
                            ("serving_default", denoise, image_spec)]:
         archive.add_endpoint(name, fn, input_signature=[spec])
+    if probe is not None:
+        add_classify_endpoints(archive, encoder, probe, image_spec)
     return archive
 
 
-def write_warmup(version_dir: str, images: np.ndarray, latents: np.ndarray) -> str:
+def add_classify_endpoints(archive: keras.export.ExportArchive, encoder: keras.Model, probe: LinearProbe,
+                           image_spec: tf.TensorSpec) -> None:
+    """classify: images -> classes (int64 [N], the predicted label) and scores (float32 [N, K], one
+    probability per class, column j for probe.class_ids[j]), for Predict. classify_examples: the same
+    for TF Serving's Classify API, which feeds serialized tf.Examples as the one string input
+    `inputs` and reads `classes` as DT_STRING and `scores` as DT_FLOAT, both [batch, num_classes]
+    and zipped column by column (tensorflow_serving/servables/tensorflow/classifier.cc,
+    PreProcessClassification and PostProcessClassificationResult)."""
+    names = ("probe_mean", "probe_scale", "probe_weights", "probe_bias", "probe_class_ids")
+    mean, scale, weights, bias, class_ids = (
+        tf.Variable(value, trainable=False, name=name) for name, value in
+        zip(names, (probe.mean, probe.scale, probe.weights, probe.bias, probe.class_ids)))
+    for variable in (mean, scale, weights, bias, class_ids):
+        archive.track(variable)
+    shape = tuple(image_spec.shape[1:])
+
+    def scores_of(images):
+        codes = (encoder(images, training=False) - mean) / scale
+        return tf.nn.softmax(tf.matmul(codes, weights) + bias)
+
+    def classify(images):
+        scores = scores_of(images)
+        return {"classes": tf.gather(class_ids, tf.argmax(scores, axis=1)), "scores": scores}
+
+    def classify_examples(inputs):
+        feature = {EXAMPLE_FEATURE: tf.io.FixedLenFeature([math.prod(shape)], tf.float32)}
+        images = tf.reshape(tf.io.parse_example(inputs, feature)[EXAMPLE_FEATURE], [-1, *shape])
+        scores = scores_of(images)
+        labels = tf.tile(tf.strings.as_string(class_ids)[tf.newaxis], [tf.shape(scores)[0], 1])
+        return {"classes": labels, "scores": scores}
+
+    archive.add_endpoint("classify", classify, input_signature=[image_spec])
+    archive.add_endpoint("classify_examples", classify_examples,
+                         input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+
+
+def image_examples(images: np.ndarray) -> list[bytes]:
+    """Serialized tf.Examples with each image's values as the float feature classify_examples parses."""
+    return [tf.train.Example(features=tf.train.Features(feature={EXAMPLE_FEATURE: tf.train.Feature(
+        float_list=tf.train.FloatList(value=np.asarray(image, np.float32).ravel()))})).SerializeToString()
+            for image in images]
+
+
+def write_warmup(version_dir: str, images: np.ndarray, latents: np.ndarray, classify: bool = False) -> str:
     """assets.extra/tf_serving_warmup_requests: PredictionLog records that TF Serving replays
     before marking the version AVAILABLE, so the first real request is not the slow one."""
     path = paths.join(version_dir, WARMUP_FILE)
@@ -147,11 +202,29 @@ def write_warmup(version_dir: str, images: np.ndarray, latents: np.ndarray) -> s
                 log = prediction_log_pb2.PredictionLog(
                     predict_log=prediction_log_pb2.PredictLog(request=request))
                 writer.write(log.SerializeToString())
+        if classify:
+            for log in _classify_warmup(images):
+                writer.write(log.SerializeToString())
     return path
 
 
+def _classify_warmup(images: np.ndarray) -> list[prediction_log_pb2.PredictionLog]:
+    """A Predict of `classify` and a Classify of `classify_examples` per warmup image."""
+    logs = []
+    for i in range(WARMUP_RECORDS_PER_SIGNATURE):
+        request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(signature_name="classify"))
+        request.inputs["images"].CopyFrom(tf.make_tensor_proto(images[i: i + 1]))
+        logs.append(prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request)))
+        examples = [tf.train.Example.FromString(e) for e in image_examples(images[i: i + 1])]
+        classify = classification_pb2.ClassificationRequest(
+            model_spec=model_pb2.ModelSpec(signature_name="classify_examples"),
+            input=input_pb2.Input(example_list=input_pb2.ExampleList(examples=examples)))
+        logs.append(prediction_log_pb2.PredictionLog(classify_log=prediction_log_pb2.ClassifyLog(request=classify)))
+    return logs
+
+
 def verify_export(version_dir: str, encoder: keras.Model, decoder: keras.Model, threshold: Threshold,
-                  images: np.ndarray) -> None:
+                  images: np.ndarray, probe: LinearProbe | None = None) -> None:
     """Loads the SavedModel back and compares every signature with the Keras model on `images`."""
     loaded = tf.saved_model.load(str(version_dir))
     latent = encoder(images, training=False).numpy()
@@ -167,6 +240,8 @@ def verify_export(version_dir: str, encoder: keras.Model, decoder: keras.Model, 
                                        "threshold": np.full_like(error, threshold.value),
                                        "threshold_fpr": np.full_like(error, threshold.fpr)}),
     }
+    if probe is not None:
+        expected.update(expected_classify(probe, latent, images))
     for name, (inputs, outputs) in expected.items():
         if name not in loaded.signatures:
             raise ExportError(f"signature {name!r} is missing from {version_dir}")
@@ -174,14 +249,27 @@ def verify_export(version_dir: str, encoder: keras.Model, decoder: keras.Model, 
         if set(got) != set(outputs):
             raise ExportError(f"signature {name!r} has outputs {sorted(got)}, expected {sorted(outputs)}")
         for key, want in outputs.items():
-            if not np.allclose(got[key].numpy(), want, atol=CHECK_TOLERANCE):
+            if want.dtype == object or want.dtype.kind in "iu":  # labels: exactly equal
+                if not np.array_equal(got[key].numpy().astype(want.dtype), want):
+                    raise ExportError(f"signature {name!r} output {key!r} differs from the sklearn probe")
+            elif not np.allclose(got[key].numpy(), want, atol=CHECK_TOLERANCE):
                 diff = np.max(np.abs(got[key].numpy().astype(np.float64) - want))
                 raise ExportError(f"signature {name!r} output {key!r} differs from the Keras model by {diff:g}")
 
 
+def expected_classify(probe: LinearProbe, latent: np.ndarray, images: np.ndarray) -> dict:
+    """What classify and classify_examples must return: the sklearn probe's predict_proba and predict."""
+    scores = probe.classifier.predict_proba(latent).astype(np.float32)
+    classes = probe.classifier.predict(latent).astype(np.int64)
+    labels = np.tile(np.array([str(c).encode() for c in probe.class_ids], object), (len(latent), 1))
+    return {"classify": ({"images": images}, {"classes": classes, "scores": scores}),
+            "classify_examples": ({"inputs": np.array(image_examples(images), object)},
+                                  {"classes": labels, "scores": scores})}
+
+
 def export_version(encoder: keras.Model, decoder: keras.Model, model_base_path: str,
                    threshold: Threshold, sample_images: np.ndarray, identity: dict | None = None,
-                   force: bool = False) -> tuple[str, bool]:
+                   force: bool = False, probe: LinearProbe | None = None) -> tuple[str, bool]:
     """Writes, checks and publishes the next version; returns (its folder, whether it is new).
 
     `identity` (training step, weights hash) is stored with the version; a version with the same
@@ -199,11 +287,11 @@ def export_version(encoder: keras.Model, decoder: keras.Model, model_base_path: 
         # Hidden and non-numeric, so TF Serving's version scan ignores it while it is written.
         staging = paths.join(base, f"{STAGING_PREFIX}{version}-{socket.gethostname()}-{os.getpid()}")
         try:
-            build_archive(encoder, decoder, threshold).write_out(staging, verbose=False)
-            write_warmup(staging, sample_images, encoder(sample_images, training=False).numpy())
+            build_archive(encoder, decoder, threshold, probe).write_out(staging, verbose=False)
+            write_warmup(staging, sample_images, encoder(sample_images, training=False).numpy(), probe is not None)
             if identity:
                 paths.write_text(paths.join(staging, IDENTITY_FILE), json.dumps(identity))
-            verify_export(staging, encoder, decoder, threshold, sample_images)
+            verify_export(staging, encoder, decoder, threshold, sample_images, probe)
             final = paths.join(base, str(version))
             try:
                 paths.publish_tree(staging, final, last="saved_model.pb")

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from storage import paths
-from training import anomaly, data, distribute, export, models, precision, train
+from training import anomaly, data, distribute, export, models, precision, probe, train
 from training.config import ConfigError, TrainConfig
 from training.evaluate import EVAL_BATCH, evaluate_saved_model
 
@@ -103,8 +103,10 @@ def export_trained(state: train.TrainState, cfg: TrainConfig, source: data.Sourc
                    force: bool | None = None) -> tuple[str, bool]:
     """Calibrates the anomaly threshold on held-out (normal) data and publishes the next version,
     unless this training step with these weights and this threshold's false-positive rate is
-    already published: (version folder, created). A new rate (export --threshold-fpr) is a new version."""
-    test = source.source().test if isinstance(source, data.Arrays) else source.test
+    already published: (version folder, created). A new rate (export --threshold-fpr) is a new version.
+    With cfg.probe a linear probe is fitted on the training split's codes and served as classify."""
+    splits = source.source() if isinstance(source, data.Arrays) else source
+    test = splits.test
     # float32 layers with the trained (float32) weights: the served model is float32 in and out
     # whatever --precision trained it; the threshold and verify_export use these same halves.
     encoder, decoder = precision.float32_copy(state.encoder), precision.float32_copy(state.decoder)
@@ -114,8 +116,13 @@ def export_trained(state: train.TrainState, cfg: TrainConfig, source: data.Sourc
     sample = next(iter(data.eval_dataset(data.limit(test, SAMPLE_IMAGES), SAMPLE_IMAGES)))[1].numpy()
     identity = {"step": int(state.step.numpy()), "weights_sha256": weights_fingerprint(state),
                 "threshold_fpr": threshold.fpr}
+    classifier = None
+    if cfg.probe:
+        classifier = probe.fit_export_probe(lambda x: encoder(x, training=False), splits.train, cfg.dataset)
+        print(classifier.describe(), flush=True)
+        identity["probe_class_ids"] = classifier.class_ids.tolist()  # a probed export is its own version
     return export.export_version(encoder, decoder, cfg.model_base_path, threshold, sample,
-                                 identity, cfg.force_export if force is None else force)
+                                 identity, cfg.force_export if force is None else force, classifier)
 
 
 def held_out_errors(state: train.TrainState, test: data.Split | np.ndarray,
@@ -128,11 +135,12 @@ def held_out_errors(state: train.TrainState, test: data.Split | np.ndarray,
 
 
 def export_job(workdir: str, model_base_path: str | None = None, force: bool = False,
-               threshold_fpr: float | None = None) -> tuple[str, bool]:
+               threshold_fpr: float | None = None, with_probe: bool = False) -> tuple[str, bool]:
     """Exports the latest checkpoint in `workdir` with the config it was trained with.
 
     `threshold_fpr` recalibrates the anomaly threshold to that false-positive rate on held-out
-    normal data: a new version from the same weights, without retraining.
+    normal data: a new version from the same weights, without retraining. `with_probe` adds the
+    classify signatures (as training with --probe does).
     """
     paths.check(workdir, "--workdir")
     config_path = paths.join(workdir, "config.json")
@@ -143,6 +151,8 @@ def export_job(workdir: str, model_base_path: str | None = None, force: bool = F
         overrides["model_base_path"] = model_base_path
     if threshold_fpr is not None:
         overrides["threshold_fpr"] = threshold_fpr
+    if with_probe:
+        overrides["probe"] = True
     cfg = TrainConfig.from_file(config_path, **overrides)
     if tf.train.latest_checkpoint(paths.join(workdir, "checkpoints")) is None:
         raise ConfigError(f"{workdir}/checkpoints has no checkpoint to export; train first")
