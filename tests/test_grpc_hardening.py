@@ -482,6 +482,11 @@ def test_load_retries_and_sigterm_with_a_call_in_flight(model_root, tmp_path):
              "--rest_api_timeout_in_ms=60000", "--model_config_file_poll_wait_seconds=1", "--max_num_load_retries=1000", "--load_retry_interval_micros=300000", "--file_system_poll_wait_seconds=0"]
     with running_server(flags, tmp_path / "server.log", ["half"]) as server, \
             grpc.insecure_channel(server.grpc_address) as channel:
+        # the server answers once "half" is up; "late" appears when its first load attempt starts
+        deadline = time.monotonic() + 30
+        while not status_of(channel, "late"):
+            assert time.monotonic() < deadline, server.log_text()[-2000:]
+            time.sleep(0.1)
         assert status_of(channel, "late") == [get_model_status_pb2.ModelVersionStatus.LOADING]  # retrying
         shutil.copy(model_root / "half" / "1" / "saved_model.pb", late / "1" / "saved_model.pb")
         deadline = time.monotonic() + 60
