@@ -21,7 +21,7 @@ from sklearn import metrics
 
 from training import data
 from training.config import ConfigError
-from training.evaluate import load_latest_version
+from training.evaluate import load_for_source
 
 SCORE_BATCH = 256
 
@@ -123,10 +123,8 @@ def evaluate_anomaly(model_base_path: str, dataset: str, normal_classes: str = "
     Every split is scored in batches, so streamed sources never sit in memory."""
     if bool(normal_classes) == bool(anomalies):
         raise ConfigError("aekit evaluate --anomaly needs one of --normal-classes CLASSES or --anomalies SRC")
-    version, loaded = load_latest_version(model_base_path, "score")
-    score = loaded.signatures["score"]
-    source = data.load_source(dataset, data_dir)
-    _check_shape(score, source.input_shape, dataset)
+    model = load_for_source(model_base_path, "score", dataset, data_dir)
+    score, source, version = model.signature, model.source, model.version
     test, test_labels = score_split(score, source.test)
     if normal_classes:
         classes = parse_classes(normal_classes)
@@ -146,9 +144,3 @@ def evaluate_anomaly(model_base_path: str, dataset: str, normal_classes: str = "
     return {"version": version, "normal_examples": len(normal_errors), "anomaly_examples": len(anomaly_errors),
             "threshold": threshold, "threshold_fpr": fpr,
             **detection_metrics(normal_errors, anomaly_errors, threshold)}
-
-
-def _check_shape(score, input_shape: tuple[int, ...], dataset: str) -> None:
-    expected = tuple(score.structured_input_signature[1]["images"].shape[1:])
-    if input_shape != expected:
-        raise ConfigError(f"dataset {dataset} has examples of shape {input_shape} but the model expects {expected}")

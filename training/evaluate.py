@@ -9,6 +9,7 @@ PSNR is over the whole split: 10*log10(1 / MSE) with pixels in [0, 1].
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import posixpath
 from collections.abc import Callable
@@ -87,16 +88,33 @@ def load_latest_version(model_base_path: str, needed: str):
     return int(posixpath.basename(version_dir)), loaded
 
 
-def evaluate_saved_model(model_base_path: str, dataset: str, noise_factor: float = 0.0,
-                         data_dir: str | None = None) -> dict[str, float]:
-    """Scores the latest exported version's `denoise` signature on the dataset's test split."""
-    version, loaded = load_latest_version(model_base_path, "denoise")
-    denoise = loaded.signatures["denoise"]
+@dataclasses.dataclass
+class LoadedForSource:
+    """The latest version, one of its signatures, and the source whose shape it was checked against.
+    `loaded` is kept because the signature reads variables that die with it."""
+    version: int
+    loaded: object
+    signature: Callable
+    source: data.Source
+
+
+def load_for_source(model_base_path: str, needed: str, dataset: str, data_dir: str | None = None) -> LoadedForSource:
+    """The latest version's signature `needed` and `dataset`, refused in one line if the
+    dataset's examples are not the shape the signature takes as `images`."""
+    version, loaded = load_latest_version(model_base_path, needed)
+    signature = loaded.signatures[needed]
     source = data.load_source(dataset, data_dir)
-    expected = tuple(denoise.structured_input_signature[1]["images"].shape[1:])
+    expected = tuple(signature.structured_input_signature[1]["images"].shape[1:])
     if source.input_shape != expected:
         raise ConfigError(f"dataset {dataset} has examples of shape {source.input_shape} but the model "
                           f"expects {expected}")
-    metrics = reconstruction_metrics(lambda x: denoise(images=x)["reconstruction"], source.test,
+    return LoadedForSource(version, loaded, signature, source)
+
+
+def evaluate_saved_model(model_base_path: str, dataset: str, noise_factor: float = 0.0,
+                         data_dir: str | None = None) -> dict[str, float]:
+    """Scores the latest exported version's `denoise` signature on the dataset's test split."""
+    model = load_for_source(model_base_path, "denoise", dataset, data_dir)
+    metrics = reconstruction_metrics(lambda x: model.signature(images=x)["reconstruction"], model.source.test,
                                      noise_factor)
-    return {"version": version, **metrics}
+    return {"version": model.version, **metrics}

@@ -24,7 +24,7 @@ from sklearn import decomposition, linear_model, neighbors, pipeline, preprocess
 
 from training import data
 from training.config import ConfigError
-from training.evaluate import load_latest_version
+from training.evaluate import load_for_source
 
 PROBE_BATCH = 256
 FEW_LABELS = 10  # labelled training examples per class in the few-label setting
@@ -177,17 +177,11 @@ def probe_report(train: Features, test: Features) -> dict:
 
 def evaluate_probe(model_base_path: str, dataset: str, data_dir: str | None = None) -> dict:
     """Recognition quality of the latest exported version's codes on `dataset` (see module doc)."""
-    version, loaded = load_latest_version(model_base_path, "encode")
-    encode = loaded.signatures["encode"]
-    source = data.load_source(dataset, data_dir)
-    expected = tuple(encode.structured_input_signature[1]["images"].shape[1:])
-    if source.input_shape != expected:
-        raise ConfigError(f"dataset {dataset} has examples of shape {source.input_shape} but the model "
-                          f"expects {expected}")
-    train = split_features(lambda x: encode(images=x)["latent"], source.train)
+    model = load_for_source(model_base_path, "encode", dataset, data_dir)
+    train = split_features(lambda x: model.signature(images=x)["latent"], model.source.train)
     check_labelled(train.labels, dataset)
-    test = split_features(lambda x: encode(images=x)["latent"], source.test)
-    return {"version": version, **probe_report(train, test)}
+    test = split_features(lambda x: model.signature(images=x)["latent"], model.source.test)
+    return {"version": model.version, **probe_report(train, test)}
 
 
 def format_report(report: dict) -> str:
