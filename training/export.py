@@ -1,7 +1,8 @@
 """Export: a new numeric version of the SavedModel that TF Serving (or `aekit serve`) picks up.
 
     aekit export --workdir runs/ae --model-base-path models/autoencoder     # or gs://bucket/models/ae
-    # -> models/autoencoder/<N+1>/ with signatures encode, decode, denoise, score, serving_default
+    # -> models/autoencoder/<N+1>/ with signatures encode, decode, denoise, score, serving_default,
+    #    compress and decompress (uint8 codes, one byte per latent dimension)
     aekit export --probe ...   # also classify (Predict) and classify_examples (TF Serving's Classify API)
 
 The version is written under a hidden staging name beside the versions (TF Serving ignores
@@ -43,12 +44,13 @@ from tensorflow_serving.apis import (
 )
 
 from storage import paths
-from training import models
+from training import models, quantize
 from training.config import ConfigError
 from training.probe import LinearProbe
 
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
 IDENTITY_FILE = "assets.extra/aekit_export.json"  # training step and weights hash; servers ignore it
+COMPRESSION_FILE = "assets.extra/aekit_compression.json"  # decoder fingerprint and quantization ranges
 WARMUP_RECORDS_PER_SIGNATURE = 2
 CHECK_TOLERANCE = 1e-4  # float32 reorderings between Keras and the traced graph stay far below this
 STAGING_PREFIX = ".tmp-export-"
@@ -98,7 +100,8 @@ def calibrate_threshold(errors: np.ndarray, fpr: float) -> Threshold:
 
 
 def build_archive(encoder: keras.Model, decoder: keras.Model, threshold: Threshold,
-                  probe: LinearProbe | None = None) -> keras.export.ExportArchive:
+                  probe: LinearProbe | None = None,
+                  ranges: quantize.Ranges | None = None) -> keras.export.ExportArchive:
     """The serving signatures, with named inputs and outputs and a free batch dimension.
 
     score returns the threshold and its false-positive rate as outputs because outputs are all a
@@ -140,7 +143,52 @@ def build_archive(encoder: keras.Model, decoder: keras.Model, threshold: Thresho
         archive.add_endpoint(name, fn, input_signature=[spec])
     if probe is not None:
         add_classify_endpoints(archive, encoder, probe, image_spec)
+    if ranges is not None:
+        add_compression_endpoints(archive, encoder, decoder, ranges, image_spec)
     return archive
+
+
+def add_compression_endpoints(archive: keras.export.ExportArchive, encoder: keras.Model, decoder: keras.Model,
+                              ranges: quantize.Ranges, image_spec: tf.TensorSpec) -> None:
+    """compress: images -> codes (uint8 [N, D], one byte per latent dimension); decompress: codes ->
+    images (float32 in [0, 1]). The ranges are variables of the model (training/quantize.py)."""
+    low = tf.Variable(ranges.low, trainable=False, name="quantize_low")
+    high = tf.Variable(ranges.high, trainable=False, name="quantize_high")
+    archive.track(low)
+    archive.track(high)
+
+    def compress(images):
+        return {"codes": quantize.quantize(encoder(images, training=False), low, high)}
+
+    def decompress(codes):
+        images = decoder(quantize.dequantize(codes, low, high), training=False)
+        return {"images": tf.clip_by_value(images, 0.0, 1.0)}  # a linear-output decoder can overshoot
+
+    archive.add_endpoint("compress", compress, input_signature=[image_spec])
+    archive.add_endpoint("decompress", decompress,
+                         input_signature=[tf.TensorSpec((None, ranges.dim), tf.uint8, name="codes")])
+
+
+def compression_metadata(decoder: keras.Model, ranges: quantize.Ranges) -> dict:
+    """What COMPRESSION_FILE holds: a code file's reader checks `fingerprint` before decoding."""
+    return {"fingerprint": quantize.fingerprint(decoder, ranges), "latent_dim": ranges.dim,
+            "image_shape": list(decoder.output_shape[1:]), "levels": quantize.LEVELS,
+            "low": ranges.low.tolist(), "high": ranges.high.tolist()}
+
+
+def read_compression_metadata(version_dir: str) -> dict | None:
+    """COMPRESSION_FILE of a version, or None for exports from before compression was added."""
+    path = paths.join(version_dir, COMPRESSION_FILE)
+    return json.loads(paths.read_text(path)) if paths.exists(path) else None
+
+
+def expected_compression(encoder: keras.Model, decoder: keras.Model, ranges: quantize.Ranges,
+                         images: np.ndarray) -> dict:
+    """What compress and decompress must return: numpy quantization of the Keras model's codes."""
+    codes = quantize.quantize_np(encoder(images, training=False).numpy(), ranges)
+    decoded = np.clip(decoder(quantize.dequantize_np(codes, ranges), training=False).numpy(), 0.0, 1.0)
+    return {"compress": ({"images": images}, {"codes": codes}),
+            "decompress": ({"codes": codes}, {"images": decoded})}
 
 
 def add_classify_endpoints(archive: keras.export.ExportArchive, encoder: keras.Model, probe: LinearProbe,
@@ -186,7 +234,8 @@ def image_examples(images: np.ndarray) -> list[bytes]:
             for image in images]
 
 
-def write_warmup(version_dir: str, images: np.ndarray, latents: np.ndarray, classify: bool = False) -> str:
+def write_warmup(version_dir: str, images: np.ndarray, latents: np.ndarray, classify: bool = False,
+                 codes: np.ndarray | None = None) -> str:
     """assets.extra/tf_serving_warmup_requests: PredictionLog records that TF Serving replays
     before marking the version AVAILABLE, so the first real request is not the slow one."""
     path = paths.join(version_dir, WARMUP_FILE)
@@ -205,7 +254,21 @@ def write_warmup(version_dir: str, images: np.ndarray, latents: np.ndarray, clas
         if classify:
             for log in _classify_warmup(images):
                 writer.write(log.SerializeToString())
+        if codes is not None:
+            for log in _compression_warmup(images, codes):
+                writer.write(log.SerializeToString())
     return path
+
+
+def _compression_warmup(images: np.ndarray, codes: np.ndarray) -> list[prediction_log_pb2.PredictionLog]:
+    """Predicts of `compress` and `decompress` (uint8 codes) per warmup image."""
+    logs = []
+    for signature, alias, values in [("compress", "images", images), ("decompress", "codes", codes)]:
+        for i in range(WARMUP_RECORDS_PER_SIGNATURE):
+            request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(signature_name=signature))
+            request.inputs[alias].CopyFrom(tf.make_tensor_proto(values[i: i + 1]))
+            logs.append(prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request)))
+    return logs
 
 
 def _classify_warmup(images: np.ndarray) -> list[prediction_log_pb2.PredictionLog]:
@@ -224,7 +287,8 @@ def _classify_warmup(images: np.ndarray) -> list[prediction_log_pb2.PredictionLo
 
 
 def verify_export(version_dir: str, encoder: keras.Model, decoder: keras.Model, threshold: Threshold,
-                  images: np.ndarray, probe: LinearProbe | None = None) -> None:
+                  images: np.ndarray, probe: LinearProbe | None = None,
+                  ranges: quantize.Ranges | None = None) -> None:
     """Loads the SavedModel back and compares every signature with the Keras model on `images`."""
     loaded = tf.saved_model.load(str(version_dir))
     latent = encoder(images, training=False).numpy()
@@ -242,6 +306,8 @@ def verify_export(version_dir: str, encoder: keras.Model, decoder: keras.Model, 
     }
     if probe is not None:
         expected.update(expected_classify(probe, latent, images))
+    if ranges is not None:
+        expected.update(expected_compression(encoder, decoder, ranges, images))
     for name, (inputs, outputs) in expected.items():
         if name not in loaded.signatures:
             raise ExportError(f"signature {name!r} is missing from {version_dir}")
@@ -249,7 +315,10 @@ def verify_export(version_dir: str, encoder: keras.Model, decoder: keras.Model, 
         if set(got) != set(outputs):
             raise ExportError(f"signature {name!r} has outputs {sorted(got)}, expected {sorted(outputs)}")
         for key, want in outputs.items():
-            if want.dtype == object or want.dtype.kind in "iu":  # labels: exactly equal
+            if want.dtype == np.uint8:  # codes: a latent on a level's edge may round either way
+                if got[key].dtype != tf.uint8 or np.max(np.abs(got[key].numpy().astype(int) - want)) > 1:
+                    raise ExportError(f"signature {name!r} output {key!r} differs from numpy quantization")
+            elif want.dtype == object or want.dtype.kind in "iu":  # labels: exactly equal
                 if not np.array_equal(got[key].numpy().astype(want.dtype), want):
                     raise ExportError(f"signature {name!r} output {key!r} differs from the sklearn probe")
             elif not np.allclose(got[key].numpy(), want, atol=CHECK_TOLERANCE):
@@ -269,9 +338,12 @@ def expected_classify(probe: LinearProbe, latent: np.ndarray, images: np.ndarray
 
 def export_version(encoder: keras.Model, decoder: keras.Model, model_base_path: str,
                    threshold: Threshold, sample_images: np.ndarray, identity: dict | None = None,
-                   force: bool = False, probe: LinearProbe | None = None) -> tuple[str, bool]:
+                   force: bool = False, probe: LinearProbe | None = None,
+                   ranges: quantize.Ranges | None = None) -> tuple[str, bool]:
     """Writes, checks and publishes the next version; returns (its folder, whether it is new).
 
+    `ranges` are the quantization ranges of compress/decompress, calibrated on the training split's
+    codes (export_trained); without them they are calibrated on `sample_images`.
     `identity` (training step, weights hash) is stored with the version; a version with the same
     identity is returned instead of publishing a duplicate, unless `force`. Leaves nothing on failure.
     """
@@ -282,16 +354,20 @@ def export_version(encoder: keras.Model, decoder: keras.Model, model_base_path: 
             return existing, False
     remove_stale_staging(base)
     sample_images = np.asarray(sample_images, np.float32)
+    sample_latents = encoder(sample_images, training=False).numpy()
+    ranges = ranges or quantize.ranges_of([sample_latents])
     while True:
         version = next_version(base)
         # Hidden and non-numeric, so TF Serving's version scan ignores it while it is written.
         staging = paths.join(base, f"{STAGING_PREFIX}{version}-{socket.gethostname()}-{os.getpid()}")
         try:
-            build_archive(encoder, decoder, threshold, probe).write_out(staging, verbose=False)
-            write_warmup(staging, sample_images, encoder(sample_images, training=False).numpy(), probe is not None)
+            build_archive(encoder, decoder, threshold, probe, ranges).write_out(staging, verbose=False)
+            write_warmup(staging, sample_images, sample_latents, probe is not None,
+                         quantize.quantize_np(sample_latents, ranges))
             if identity:
                 paths.write_text(paths.join(staging, IDENTITY_FILE), json.dumps(identity))
-            verify_export(staging, encoder, decoder, threshold, sample_images, probe)
+            paths.write_text(paths.join(staging, COMPRESSION_FILE), json.dumps(compression_metadata(decoder, ranges)))
+            verify_export(staging, encoder, decoder, threshold, sample_images, probe, ranges)
             final = paths.join(base, str(version))
             try:
                 paths.publish_tree(staging, final, last="saved_model.pb")

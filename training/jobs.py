@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from storage import paths
-from training import anomaly, data, distribute, export, models, precision, probe, train
+from training import anomaly, data, distribute, export, models, precision, probe, quantize, train
 from training.config import ConfigError, TrainConfig
 from training.evaluate import EVAL_BATCH, evaluate_saved_model
 
@@ -104,7 +104,8 @@ def export_trained(state: train.TrainState, cfg: TrainConfig, source: data.Sourc
     """Calibrates the anomaly threshold on held-out (normal) data and publishes the next version,
     unless this training step with these weights and this threshold's false-positive rate is
     already published: (version folder, created). A new rate (export --threshold-fpr) is a new version.
-    With cfg.probe a linear probe is fitted on the training split's codes and served as classify."""
+    With cfg.probe a linear probe is fitted on the training split's codes and served as classify.
+    The compress/decompress quantization ranges are calibrated on the training split's codes."""
     splits = source.source() if isinstance(source, data.Arrays) else source
     test = splits.test
     # float32 layers with the trained (float32) weights: the served model is float32 in and out
@@ -121,8 +122,10 @@ def export_trained(state: train.TrainState, cfg: TrainConfig, source: data.Sourc
         classifier = probe.fit_export_probe(lambda x: encoder(x, training=False), splits.train, cfg.dataset)
         print(classifier.describe(), flush=True)
         identity["probe_class_ids"] = classifier.class_ids.tolist()  # a probed export is its own version
+    ranges = quantize.calibrate(lambda x: encoder(x, training=False),
+                                (clean for _, clean in data.eval_dataset(splits.train, EVAL_BATCH)))
     return export.export_version(encoder, decoder, cfg.model_base_path, threshold, sample,
-                                 identity, cfg.force_export if force is None else force, classifier)
+                                 identity, cfg.force_export if force is None else force, classifier, ranges)
 
 
 def held_out_errors(state: train.TrainState, test: data.Split | np.ndarray,
