@@ -4,6 +4,8 @@
     aekit export --workdir runs/ae --model-base-path models/autoencoder
     aekit data convert --dataset ./images --output gs://bucket/data/images --shards 32
     aekit evaluate --model-base-path models/autoencoder --dataset mnist-sample --json
+    aekit compress --model-base-path models/autoencoder --dataset mnist-sample --split test --output test.aec
+    aekit decompress --model-base-path models/autoencoder --input test.aec --output test.npz
     aekit serve --port=8500 --rest_api_port=8501 --model_name=autoencoder --model_base_path=$PWD/models/autoencoder
     aekit client denoise --server localhost:8500 --model autoencoder --input x.npy --output y.npy
     aekit plot --workdir runs/ae --output-dir figures
@@ -134,8 +136,15 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from training import jobs
 
-    if args.probe and args.anomaly:
-        raise UserError("--probe and --anomaly are separate evaluations; give one")
+    if sum(map(bool, (args.probe, args.anomaly, args.compression))) > 1:
+        raise UserError("--probe, --anomaly and --compression are separate evaluations; give one")
+    if args.compression:
+        from training import compress
+
+        metrics = compress.evaluate_compression(args.model_base_path, args.dataset, args.data_dir)
+        print(json.dumps(metrics) if args.json else "\n".join(
+            f"{k:>18}: {v:.6g}" if isinstance(v, float) else f"{k:>18}: {v}" for k, v in metrics.items()))
+        return 0
     if args.probe:
         from training import probe
 
@@ -156,6 +165,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         for key, value in metrics.items():
             print(f"{key:>18}: {value:.6g}" if isinstance(value, float) else f"{key:>18}: {value}")
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from training import compress
+
+    print(json.dumps(compress.compress_job(args.model_base_path, args.dataset, args.output, args.split, args.codec,
+                                           args.data_dir)))
+    return 0
+
+
+def cmd_decompress(args: argparse.Namespace) -> int:
+    from training import compress
+
+    print(json.dumps(compress.decompress_job(args.model_base_path, args.input, args.output, args.model_version)))
     return 0
 
 
@@ -243,7 +267,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anomalies", metavar="SRC", help="with --anomaly: a separate source of anomalies")
     p.add_argument("--probe", action="store_true",
                    help="recognition: linear-probe and k-NN accuracy of the codes, beside raw pixels and PCA")
+    p.add_argument("--compression", action="store_true",
+                   help="held-out PSNR of decompress(compress(x)) and the code file's bytes per image")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compress", help="a dataset split -> a code file (one byte per latent dimension)")
+    p.add_argument("--model-base-path", required=True, help="the latest version compresses")
+    p.add_argument("--dataset", required=True, help="any source `aekit train --dataset` reads")
+    p.add_argument("--data-dir")
+    p.add_argument("--split", default="test", choices=("train", "test", "all"))
+    p.add_argument("--output", required=True, help="the code file to write")
+    p.add_argument("--codec", default="zlib", choices=("none", "zlib", "lzma"),
+                   help="entropy coder for the codes (zlib: smaller on mnist-sample, see README)")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("decompress", help="a code file -> an .npz of uint8 images (and labels)")
+    p.add_argument("--model-base-path", required=True)
+    p.add_argument("--model-version", type=int, help="default and only accepted: the version in the file")
+    p.add_argument("--input", required=True, help="a code file written by `aekit compress`")
+    p.add_argument("--output", required=True, help=".npz with images (uint8) and labels")
+    p.set_defaults(func=cmd_decompress)
 
     p = sub.add_parser("serve", add_help=False,
                        help="serve SavedModels with TF Serving's flags (aekit serve --help)")
