@@ -163,6 +163,14 @@ class BaseClient:
         probability per class} (models exported with --probe)."""
         return self.predict("classify", images, **which)
 
+    def compress(self, images, **which) -> np.ndarray:
+        """images -> codes (N, D) uint8, one byte per latent dimension (the `compress` signature)."""
+        return self._single_output("compress", images, **which)
+
+    def decompress(self, codes, **which) -> np.ndarray:
+        """uint8 codes (N, D) from `compress` -> images (N, H, W, C) float32 in [0, 1]."""
+        return self._single_output("decompress", codes, **which)
+
     def input_shape(self, signature_name: str = "denoise", **which) -> tuple[int, ...]:
         signature = self.signatures(**which)[signature_name]
         return signature.inputs[signature.input_alias].shape

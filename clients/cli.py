@@ -4,6 +4,8 @@
     aekit client score --server localhost:8501 --rest --model autoencoder --input x.npy
     aekit client status --server localhost:8500 --model autoencoder
     aekit client classify --server localhost:8500 --model autoencoder --input digits/   # export --probe
+    aekit client compress --server localhost:8500 --model autoencoder --input digits/ --output codes.npy
+    aekit client decompress --server localhost:8501 --rest --model autoencoder --input codes.npy --output out/
 
 gRPC by default, REST with --rest. Errors print one line and exit non-zero.
 """
@@ -17,11 +19,12 @@ import numpy as np
 
 from clients.base import LOAD_BALANCING_POLICIES
 
-METHODS = ("encode", "decode", "denoise", "score", "classify", "status", "metadata")
+METHODS = ("encode", "decode", "denoise", "score", "classify", "compress", "decompress", "status", "metadata")
 
 
 def add_client_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("client", help="call encode/decode/denoise/score/classify/status/metadata on a server")
+    p = subparsers.add_parser("client", help="call encode/decode/denoise/score/classify/compress/decompress/status/"
+                                             "metadata on a server")
     p.add_argument("method", choices=METHODS)
     p.add_argument("--server", default="localhost:8500",
                    help="HOST:PORT (the REST port with --rest); gRPC also dns:///HOST:PORT, ipv4:IP:PORT,IP:PORT")
@@ -77,7 +80,10 @@ def run(args: argparse.Namespace) -> int:
     if signature is None:
         hint = " (export it with `aekit export --probe` or train with --probe)" if args.method == "classify" else ""
         raise ClientError(f"model {args.model} has no {args.method!r} signature{hint}", "INVALID_ARGUMENT")
-    batch = io.load_input(args.input, signature.inputs[signature.input_alias].shape)
+    if args.method == "decompress":
+        batch = _load_codes(args.input, signature.inputs[signature.input_alias].shape)
+    else:
+        batch = io.load_input(args.input, signature.inputs[signature.input_alias].shape)
     if args.add_noise > 0:
         noise = np.random.default_rng(0).normal(0.0, args.add_noise, batch.shape).astype(np.float32)
         batch = np.clip(batch + noise, 0.0, 1.0)
@@ -105,6 +111,23 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(json.dumps({"shape": list(output.shape), "mean": float(np.mean(output))}))
     return 0
+
+
+def _load_codes(path: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The uint8 codes (N, D) of a .npy written by `aekit client compress`; other dtypes are refused,
+    since casting floats to bytes would decode garbage."""
+    from pathlib import Path
+
+    from clients.errors import ClientError
+
+    if Path(path).suffix != ".npy" or not Path(path).is_file():
+        raise ClientError(f"decompress needs a .npy file of uint8 codes (from `aekit client compress`); "
+                          f"{path} is not one", "INVALID_ARGUMENT")
+    codes = np.load(path, allow_pickle=False)
+    if codes.dtype != np.uint8:
+        raise ClientError(f"{path} holds {codes.dtype} values; decompress takes the uint8 codes that "
+                          "`aekit client compress` writes", "INVALID_ARGUMENT")
+    return codes[None] if codes.ndim == len(shape) - 1 else codes
 
 
 def _print_classes(result: dict[str, np.ndarray], output: str | None) -> int:

@@ -242,3 +242,60 @@ def test_a_missing_version_is_refused_in_one_line(exported, tmp_path, capsys):
     path = tmp_path / "v9.aec"
     _write(path, codefile.Header("ae", 9, "0" * 64, LATENT, (4, 4, 1), 1, False, "none"), np.zeros((1, LATENT)))
     assert "version 9 is not under" in _refused(capsys, exported["base"], path)
+
+
+# ---- served: compress / decompress over gRPC and REST --------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(exported):
+    from tensorflow_serving.config import model_server_config_pb2
+
+    from serving.core import DataPlane
+    from serving.grpc_server import GrpcServer
+    from serving.manager import ModelManager
+    from serving.rest_server import RestApi, RestServer
+    from training.multiworker import free_ports
+
+    manager = ModelManager()
+    cfg = model_server_config_pb2.ModelServerConfig()
+    cfg.model_config_list.config.add(name="ae", base_path=exported["base"], model_platform="tensorflow")
+    manager.configure(cfg)
+    core = DataPlane(manager)
+    (port,) = free_ports(1)
+    grpc_server = GrpcServer(core, [f"127.0.0.1:{port}"], [], 4, True)
+    rest_server = RestServer(RestApi(core, None, 30.0), "127.0.0.1", 0, 1 << 24, 2)
+    grpc_server.start()
+    rest_server.start()
+    manager.start_polling(0)
+    assert manager.initial_load_done.wait(60)
+    try:
+        yield {"grpc": f"127.0.0.1:{port}", "rest": f"127.0.0.1:{rest_server.port}"}
+    finally:
+        grpc_server.stop(0)
+        rest_server.stop(0)
+        manager.stop()
+
+
+def test_client_compress_and_decompress_over_grpc_and_rest(exported, server, tmp_path, capsys):
+    from clients import AutoencoderClient, RestAutoencoderClient
+
+    loaded = tf.saved_model.load(exported["version_dir"])
+    want_codes = loaded.signatures["compress"](images=exported["test"])["codes"].numpy()
+    want_images = loaded.signatures["decompress"](codes=want_codes)["images"].numpy()
+    for client in (AutoencoderClient(server["grpc"], "ae"), RestAutoencoderClient(server["rest"], "ae")):
+        codes = client.compress(exported["test"])
+        assert codes.dtype == np.uint8 and np.array_equal(codes, want_codes)
+        np.testing.assert_allclose(client.decompress(codes), want_images, atol=1e-6)
+        client.close()
+
+    np.save(tmp_path / "x.npy", exported["test"])
+    for flags, address in (([], server["grpc"]), (["--rest"], server["rest"])):
+        common = ["--server", address, "--model", "ae", *flags]
+        assert _cli(capsys, "client", "compress", *common, "--input", str(tmp_path / "x.npy"),
+                    "--output", str(tmp_path / "codes.npy"))[0] == 0
+        assert np.array_equal(np.load(tmp_path / "codes.npy"), want_codes)
+        assert _cli(capsys, "client", "decompress", *common, "--input", str(tmp_path / "codes.npy"),
+                    "--output", str(tmp_path / "back.npy"))[0] == 0
+        np.testing.assert_allclose(np.load(tmp_path / "back.npy"), want_images, atol=1e-6)
+        code, _, err = _cli(capsys, "client", "decompress", *common, "--input", str(tmp_path / "x.npy"))
+        assert code != 0 and len(err.splitlines()) == 1 and "holds float32 values" in err

@@ -33,7 +33,8 @@ def test_export_signatures_match_keras(tmp_path, trained):
     version_dir, created = jobs.export_trained(state, cfg, arrays)
     assert created and os.path.basename(version_dir) == "1"
     loaded = tf.saved_model.load(str(version_dir))
-    assert set(loaded.signatures) == {"encode", "decode", "denoise", "score", "serving_default"}
+    assert set(loaded.signatures) == {"encode", "decode", "denoise", "score", "serving_default", "compress",
+                                      "decompress"}
 
     def io(name):
         fn = loaded.signatures[name]
@@ -68,8 +69,8 @@ def test_warmup_file_has_records_for_every_signature(tmp_path, trained):
     records = [prediction_log_pb2.PredictionLog.FromString(r.numpy())
                for r in tf.data.TFRecordDataset(os.path.join(version_dir, export.WARMUP_FILE))]
     names = [r.predict_log.request.model_spec.signature_name for r in records]
-    assert set(names) == {"encode", "decode", "denoise", "score", "serving_default"}
-    assert len(records) == 5 * export.WARMUP_RECORDS_PER_SIGNATURE
+    assert set(names) == {"encode", "decode", "denoise", "score", "serving_default", "compress", "decompress"}
+    assert len(records) == 7 * export.WARMUP_RECORDS_PER_SIGNATURE
 
 
 def test_versions_increase_and_only_version_folders_remain(tmp_path, trained):
