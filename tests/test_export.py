@@ -47,6 +47,8 @@ def test_export_signatures_match_keras(tmp_path, trained):
     assert io("decode") == ({"latent": ((None, 16), tf.float32)}, {"reconstruction": (image, tf.float32)})
     assert io("denoise") == io("serving_default") == ({"images": (image, tf.float32)},
                                                       {"reconstruction": (image, tf.float32)})
+    assert io("compress") == ({"images": (image, tf.float32)}, {"codes": ((None, 16), tf.uint8)})
+    assert io("decompress") == ({"codes": ((None, 16), tf.uint8)}, {"images": (image, tf.float32)})
     assert io("score")[1] == {"error": ((None,), tf.float32), "is_anomaly": ((None,), tf.bool),
                               "threshold": ((None,), tf.float32), "threshold_fpr": ((None,), tf.float32),
                               "error_map": (image, tf.float32)}
@@ -71,6 +73,18 @@ def test_warmup_file_has_records_for_every_signature(tmp_path, trained):
     names = [r.predict_log.request.model_spec.signature_name for r in records]
     assert set(names) == {"encode", "decode", "denoise", "score", "serving_default", "compress", "decompress"}
     assert len(records) == 7 * export.WARMUP_RECORDS_PER_SIGNATURE
+
+
+def test_quantization_ranges_are_the_training_codes_min_and_max(tmp_path, trained):
+    cfg, state, arrays = trained
+    cfg.model_base_path = str(tmp_path / "models")
+    version_dir, _ = jobs.export_trained(state, cfg, arrays)
+    codes = state.encoder(data.scale_to_unit(tf.constant(arrays.x_train)), training=False).numpy()
+    metadata = export.read_compression_metadata(version_dir)
+    np.testing.assert_allclose(metadata["low"], codes.min(0), atol=1e-5)
+    np.testing.assert_allclose(metadata["high"], np.maximum(codes.max(0), codes.min(0) + 1e-6), atol=1e-5)
+    test_codes = state.encoder(data.scale_to_unit(tf.constant(arrays.x_test)), training=False).numpy()
+    assert not np.allclose(metadata["high"], np.maximum(test_codes.max(0), test_codes.min(0) + 1e-6), atol=1e-5)
 
 
 def test_versions_increase_and_only_version_folders_remain(tmp_path, trained):
