@@ -72,9 +72,9 @@ def test_code_file_round_trips_in_batches(tmp_path, codec, labels):
     assert [len(c) for c, _ in batches] == [256, 256, 256, 232]
     assert np.array_equal(np.concatenate([c for c, _ in batches]), codes)
     if labels:
-        assert np.array_equal(np.concatenate([l for _, l in batches]), y)
+        assert np.array_equal(np.concatenate([b for _, b in batches]), y)
     else:
-        assert all(l is None for _, l in batches)
+        assert all(b is None for _, b in batches)
 
 
 def test_writer_refuses_a_count_other_than_the_header_says(tmp_path):
