@@ -69,6 +69,26 @@ def test_an_overflow_on_one_replica_makes_every_replica_skip_the_step_and_halves
     assert min(found["moved_by_clean_step"]) > 1e-4 and found["finite_after"] == [True, True]  # training goes on
 
 
+@pytest.mark.parametrize("before, after", [("float32", "mixed_float16"), ("mixed_float16", "float32")])
+def test_a_run_resumes_in_another_precision_with_adam_restored_and_a_fresh_loss_scale(tmp_path, tiny, before, after):
+    with pytest.warns(UserWarning, match="slower") if before == "mixed_float16" else contextlib.nullcontext():
+        first, _ = train.train_and_evaluate(cfg_for(tmp_path, epochs=1, precision=before), tiny,
+                                            tf.distribute.get_strategy())
+    saved = [v.numpy() for v in first.autoencoder.weights]
+    cfg = cfg_for(tmp_path, epochs=2, precision=after)  # the same workdir: a resume, not a new run
+    resumed = train.build_state(cfg, tiny.input_shape, tf.distribute.get_strategy())
+    assert int(resumed.step.numpy()) == 2 and int(resumed.optimizer.iterations.numpy()) == 2
+    for a, b in zip(saved, resumed.autoencoder.weights):
+        np.testing.assert_array_equal(a, b.numpy())
+    moments = [v for v in resumed.optimizer.variables if "momentum" in v.path or "velocity" in v.path]
+    assert moments and all(float(np.max(np.abs(v.numpy()))) > 0 for v in moments)  # Adam's, not fresh zeros
+    if after == "mixed_float16":
+        assert float(resumed.optimizer.dynamic_scale.numpy()) == resumed.optimizer.initial_scale
+    with pytest.warns(UserWarning, match="slower") if after == "mixed_float16" else contextlib.nullcontext():
+        _, history = train.train_and_evaluate(cfg, tiny, tf.distribute.get_strategy())
+    assert [h["epoch"] for h in history] == [1, 2] and np.isfinite(history[-1]["loss"])
+
+
 def test_tensorboard_has_images_throughput_hparams_projector_and_the_profile(tmp_path, tiny):
     cfg = cfg_for(tmp_path, model="conv", latent_dim=8, epochs=1, batch_size=32, noise_factor=0.3,
                   max_examples=96, steps_per_loop=20, profile_steps="2,3")
