@@ -1,11 +1,14 @@
 """Training throughput, side by side in one run (images/s):
 
-    python -m benchmarks.bench_training            # or: make bench
-    # seed blog's model.fit on numpy arrays | aekit loop, 1 device | aekit loop, 2 logical devices
+    python -m benchmarks.bench_training            # or: make bench (both groups, ~4 min on 2 cores)
+    python -m benchmarks.bench_training --groups precision --precisions float32 mixed_bfloat16 mixed_float16
+    # core: seed blog's model.fit on numpy arrays | aekit loop, 1 device | aekit loop, 2 logical devices
     # | the input pipeline alone, in memory and streaming shards from disk (each must deliver >= 10x
     # what the trainer consumes) | trainer peak RSS on the sample and on 20x the sample (within 15 %)
+    # precision: fit and aekit's loop for dense and conv in each precision; loop / fit per row
+    # (goal >= 1) and mixed_bfloat16 / float32 (conv goal >= 1.15)
 
-Same dense model, data (mnist-sample, noise 0.4), global batch and step count for every row.
+Same data (mnist-sample, noise 0.4), global batch and step count for every row of a model.
 Timings on shared machines are noisy: read the ratios, which are measured in the same run, each
 row the median of rounds in which the rows take turns.
 """
@@ -32,21 +35,27 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from training import convert, data, models, train  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
+from training import convert, data, models, precision, train  # noqa: E402
+from training.config import PRECISIONS, TrainConfig  # noqa: E402
 
 NOISE = 0.4
 PIPELINE_BATCHES = 1000  # ~1 s of the pipeline alone; a trainer epoch of mnist-sample is 31
 REPEAT = 20  # the large dataset: the 5,000-image sample 20 times over, 100,000 examples
 SHARDS = 16
 RSS_BOUND = 1.15  # the large dataset's trainer peak RSS may exceed the sample's by at most 15 %
+GROUPS = ("core", "precision")
+MODELS = ("dense", "conv")
+DEFAULT_POLICIES = ("float32", "mixed_bfloat16")
+BF16_CONV_GOAL = 1.15  # issue 16: mixed_bfloat16 conv at least 1.15x float32 conv on this CPU
 
 
-def fit_runner(x: np.ndarray, batch: int) -> Callable[[int], float]:
-    """The seed blog: Functional dense autoencoder, compile, fit(noisy, clean) on numpy arrays."""
+def fit_runner(x: np.ndarray, batch: int, model: str = "dense", policy: str = "float32") -> Callable[[int], float]:
+    """The seed blog: Functional autoencoder, compile, fit(noisy, clean) on numpy arrays; under a
+    mixed policy Keras' compile wraps the optimizer in a LossScaleOptimizer for float16 itself."""
     keras.utils.set_random_seed(0)
-    encoder, decoder = models.build_autoencoder("dense", x.shape[1:], 32)
-    autoencoder = models.chain(encoder, decoder)
+    with precision.policy(policy):
+        encoder, decoder = models.build_autoencoder(model, x.shape[1:], 32)
+        autoencoder = models.chain(encoder, decoder)
     autoencoder.compile(optimizer="adam", loss="binary_crossentropy")
     clean = x.astype(np.float32) / 255.0
     noisy = np.clip(clean + NOISE * np.random.default_rng(0).normal(size=clean.shape), 0, 1).astype(np.float32)
@@ -59,9 +68,11 @@ def fit_runner(x: np.ndarray, batch: int) -> Callable[[int], float]:
     return timed
 
 
-def loop_runner(x: np.ndarray, batch: int, strategy, workdir: Path) -> Callable[[int], float]:
+def loop_runner(x: np.ndarray, batch: int, strategy, workdir: Path, model: str = "dense",
+                policy: str = "float32") -> Callable[[int], float]:
     """aekit's custom loop (strategy.run), the exact functions `aekit train` uses."""
-    cfg = TrainConfig(model="dense", batch_size=batch, noise_factor=NOISE, workdir=str(workdir), export=False)
+    cfg = TrainConfig(model=model, batch_size=batch, noise_factor=NOISE, workdir=str(workdir), export=False,
+                      precision=policy)
     state = train.build_state(cfg, x.shape[1:], strategy)
     step = train.make_train_step(state, cfg.loss, batch)
     steps = len(x) // batch
@@ -137,10 +148,8 @@ def trainer_peak_rss_mb(dataset: str, batch: int, workdir: Path) -> float:
     return peak / 2**20
 
 
-def run(epochs: int = 3, batch: int = 128, output_dir: str = "bench-output", rounds: int = 5) -> dict:
-    x = data.load_arrays("mnist-sample").x_train
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def core_runners(x: np.ndarray, batch: int, epochs: int, out: Path) -> dict[str, tuple[Callable[[int], float], int]]:
+    """The dense float32 rows: fit, the loop on 1 and 2 devices, the input pipeline alone."""
     shards = large_shards(out)
     mirrored = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")[:2]])
     runners = {
@@ -150,29 +159,88 @@ def run(epochs: int = 3, batch: int = 128, output_dir: str = "bench-output", rou
         "input_pipeline_alone": pipeline_runner(x, batch),
         "input_pipeline_from_shards": pipeline_runner(data.load_source(f"tfrecord:{shards}").train, batch),
     }
-    # Each row times ~1 s; one after the other they caught different moments of this machine's
+    return {name: (timed, epochs) for name, timed in runners.items()}
+
+
+def precision_runners(x: np.ndarray, batch: int, epochs: int, out: Path,
+                      policies: list[str]) -> dict[str, tuple[Callable[[int], float], int]]:
+    """fit and the loop for each model and precision. A conv epoch takes ~3 s here, so conv rows
+    time one epoch per round where dense rows time `epochs`."""
+    runners = {}
+    for model, (policy, kind) in itertools.product(MODELS, itertools.product(policies, ("fit", "loop"))):
+        name = f"{kind}_{model}_{policy}"
+        timed = (fit_runner(x, batch, model, policy) if kind == "fit" else
+                 loop_runner(x, batch, tf.distribute.get_strategy(), out / f"w-{model}-{policy}", model, policy))
+        runners[name] = (timed, epochs if model == "dense" else 1)
+    return runners
+
+
+def precision_ratios(rows: dict[str, float], policies: list[str]) -> dict[str, float]:
+    """loop / fit for every model and precision, and each mixed precision / float32 per model and path."""
+    ratios = {}
+    for model, policy in itertools.product(MODELS, policies):
+        ratios[f"loop_vs_fit_{model}_{policy}"] = rows[f"loop_{model}_{policy}"] / rows[f"fit_{model}_{policy}"]
+        if policy != "float32" and "float32" in policies:
+            for kind in ("loop", "fit"):
+                ratios[f"{kind}_{model}_{policy}_vs_float32"] = (rows[f"{kind}_{model}_{policy}"]
+                                                                 / rows[f"{kind}_{model}_float32"])
+    return ratios
+
+
+def measure_in_turns(runners: dict[str, tuple[Callable[[int], float], int]], rounds: int) -> dict[str, list[float]]:
+    # Each row times ~1-3 s; one after the other they caught different moments of this machine's
     # drifting speed (loop / fit read 0.70 in one run, 1.31 in the next). So the rows take turns,
     # `rounds` times, and each reports its median.
     samples = {name: [] for name in runners}
     for _ in range(rounds):
-        for name, timed in runners.items():
+        for name, (timed, epochs) in runners.items():
             samples[name].append(timed(epochs))
+    return samples
+
+
+def run(epochs: int = 3, batch: int = 128, output_dir: str = "bench-output", rounds: int = 5,
+        groups: tuple[str, ...] = GROUPS, policies: tuple[str, ...] = DEFAULT_POLICIES) -> dict:
+    x = data.load_arrays("mnist-sample").x_train
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    policies = list(policies)
+    runners = {}
+    if "core" in groups:
+        runners.update(core_runners(x, batch, epochs, out))
+    if "precision" in groups:
+        runners.update(precision_runners(x, batch, epochs, out, policies))
+    samples = measure_in_turns(runners, rounds)
     rows = {name: float(np.median(values)) for name, values in samples.items()}
     report = {"images_per_second": rows, "runs": samples, "global_batch": batch, "epochs_timed": epochs,
-              "rounds": rounds,
-              "loop_vs_fit": rows["aekit_loop_1_device"] / rows["seed_blog_fit"],
+              "rounds": rounds, "groups": list(groups)}
+    print(f"training throughput (images/s), same data and global batch per row; median of {rounds} rounds:")
+    for name, value in rows.items():
+        print(f"  {name:32s} {value:10.0f}   (runs: {', '.join(f'{v:.0f}' for v in samples[name])})")
+    if "precision" in groups:
+        report["precision"] = precision_ratios(rows, policies)
+        print("  " + "   ".join(f"{k} {v:.2f}" for k, v in report["precision"].items()))
+        if "mixed_bfloat16" in policies and "float32" in policies:
+            print(f"  conv: mixed_bfloat16 / float32 loop {report['precision']['loop_conv_mixed_bfloat16_vs_float32']:.2f}"
+                  f" (goal >= {BF16_CONV_GOAL}), loop / fit >= 1 in every row: "
+                  f"{all(v >= 1 for k, v in report['precision'].items() if k.startswith('loop_vs_fit'))}")
+    if "core" in groups:
+        report.update(core_report(rows, batch, out))
+    (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def core_report(rows: dict[str, float], batch: int, out: Path) -> dict:
+    report = {"loop_vs_fit": rows["aekit_loop_1_device"] / rows["seed_blog_fit"],
               "pipeline_vs_trainer": rows["input_pipeline_alone"] / rows["aekit_loop_1_device"],
               "two_devices_vs_one": rows["aekit_loop_2_logical_devices"] / rows["aekit_loop_1_device"],
               "shards_pipeline_vs_trainer": rows["input_pipeline_from_shards"] / rows["aekit_loop_1_device"],
               "note": "2 logical devices share the same 2 CPU cores: this row measures MirroredStrategy's "
                       "overhead, not a speed-up"}
-    print(f"training throughput (images/s), same model, data and global batch; median of {rounds} rounds:")
-    for name, value in rows.items():
-        print(f"  {name:32s} {value:10.0f}   (runs: {', '.join(f'{v:.0f}' for v in samples[name])})")
     print(f"  loop / fit {report['loop_vs_fit']:.2f} (goal >= 1)   pipeline / trainer "
           f"{report['pipeline_vs_trainer']:.1f} (goal >= 10)   shards pipeline / trainer "
           f"{report['shards_pipeline_vs_trainer']:.1f} (goal >= 10)   2 devices / 1 {report['two_devices_vs_one']:.2f}")
     # Memory, measured once each (one process per dataset, run one after the other).
+    shards = large_shards(out)
     rss = {"mnist_sample_in_memory": trainer_peak_rss_mb("mnist-sample", batch, out / "rss-sample"),
            f"sample_x{REPEAT}_shards": trainer_peak_rss_mb(f"tfrecord:{shards}", batch, out / "rss-large")}
     report["trainer_peak_rss_mb"] = rss
@@ -180,7 +248,6 @@ def run(epochs: int = 3, batch: int = 128, output_dir: str = "bench-output", rou
     print(f"trainer peak RSS: mnist-sample (5,000 in memory) {rss['mnist_sample_in_memory']:.0f} MB, "
           f"{REPEAT}x the sample (100,000, streamed from {SHARDS} shards) {rss[f'sample_x{REPEAT}_shards']:.0f} MB: "
           f"ratio {report['large_vs_sample_rss']:.3f} (goal <= {RSS_BOUND})")
-    (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -190,8 +257,14 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--output-dir", default="bench-output")
     parser.add_argument("--rounds", type=int, default=5, help="times each row is measured, in turns")
+    parser.add_argument("--groups", nargs="+", choices=GROUPS, default=list(GROUPS),
+                        help="row groups: core (dense float32, 1 and 2 devices, input pipeline, memory), "
+                             "precision (fit and loop per model and precision)")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(DEFAULT_POLICIES),
+                        help="precisions of the precision group (mixed_float16 conv is ~4x slower than "
+                             "float32 on a CPU without float16 arithmetic, so it is left out by default)")
     args = parser.parse_args()
     for name in ("epochs", "batch_size", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    run(args.epochs, args.batch_size, args.output_dir, args.rounds)
+    run(args.epochs, args.batch_size, args.output_dir, args.rounds, tuple(args.groups), tuple(args.precisions))

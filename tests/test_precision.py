@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -37,6 +41,53 @@ def test_a_mixed_step_is_finite_keeps_float32_variables_and_exports_float32(tmp_
         dtypes |= {t.dtype for t in fn.structured_outputs.values()}
         assert {d for d in dtypes if d.is_floating} == {tf.float32}, name
         assert dtypes - {tf.float32} <= {tf.bool, tf.uint8}, name
+
+
+def two_replica_check(check: str, workdir) -> dict:
+    """Runs one tests/two_replicas.py check in its own process (see there why) and returns its JSON."""
+    result = subprocess.run([sys.executable, "-m", "tests.two_replicas", check, str(workdir)], capture_output=True,
+                            text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_float16_on_two_devices_matches_one_device(tmp_path):
+    found = two_replica_check("float16_step", tmp_path)
+    assert found["replicas"] == 2 and found["same_start"] and found["finite"]
+    assert found["moved"] > 1e-4  # the step was applied, not skipped as an overflow
+    # float16 activations, and the two halves of the batch summed in another order: 1 device gave
+    # the same weights to within ~3e-5 (learning rate 1e-2, so a step moves them by up to ~1e-2).
+    assert found["max_difference"] < 2e-4
+
+
+@pytest.mark.slow
+def test_an_overflow_on_one_replica_makes_every_replica_skip_the_step_and_halves_the_scale(tmp_path):
+    found = two_replica_check("overflow_vote", tmp_path)
+    assert found["max_pixel_per_replica"] == [1.0, 1e5]  # only the second replica's half overflows
+    assert found["moved_by_overflow_step"] == [0.0, 0.0]  # no replica applied it, none got NaN
+    assert found["scale_after_overflow"] == found["scale_start"] / 2
+    assert min(found["moved_by_clean_step"]) > 1e-4 and found["finite_after"] == [True, True]  # training goes on
+
+
+@pytest.mark.parametrize("before, after", [("float32", "mixed_float16"), ("mixed_float16", "float32")])
+def test_a_run_resumes_in_another_precision_with_adam_restored_and_a_fresh_loss_scale(tmp_path, tiny, before, after):
+    with pytest.warns(UserWarning, match="slower") if before == "mixed_float16" else contextlib.nullcontext():
+        first, _ = train.train_and_evaluate(cfg_for(tmp_path, epochs=1, precision=before), tiny,
+                                            tf.distribute.get_strategy())
+    saved = [v.numpy() for v in first.autoencoder.weights]
+    cfg = cfg_for(tmp_path, epochs=2, precision=after)  # the same workdir: a resume, not a new run
+    resumed = train.build_state(cfg, tiny.input_shape, tf.distribute.get_strategy())
+    assert int(resumed.step.numpy()) == 2 and int(resumed.optimizer.iterations.numpy()) == 2
+    for a, b in zip(saved, resumed.autoencoder.weights):
+        np.testing.assert_array_equal(a, b.numpy())
+    moments = [v for v in resumed.optimizer.variables if "momentum" in v.path or "velocity" in v.path]
+    assert moments and all(float(np.max(np.abs(v.numpy()))) > 0 for v in moments)  # Adam's, not fresh zeros
+    if after == "mixed_float16":
+        assert float(resumed.optimizer.dynamic_scale.numpy()) == resumed.optimizer.initial_scale
+    with pytest.warns(UserWarning, match="slower") if after == "mixed_float16" else contextlib.nullcontext():
+        _, history = train.train_and_evaluate(cfg, tiny, tf.distribute.get_strategy())
+    assert [h["epoch"] for h in history] == [1, 2] and np.isfinite(history[-1]["loss"])
 
 
 def test_tensorboard_has_images_throughput_hparams_projector_and_the_profile(tmp_path, tiny):

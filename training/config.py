@@ -46,7 +46,7 @@ class TrainConfig:
     collective_timeout_seconds: float = 300.0  # how long a silent peer is tolerated (collectives and heartbeat)
     rendezvous_timeout_seconds: float = 900.0  # how long a worker waits for the others to start (pods minutes apart)
     checkpoint_every_steps: int = 100  # also saved at every epoch end and on SIGTERM
-    precision: str = "float32"  # float32 | mixed_bfloat16 (Ampere+ GPUs, TPUs, AVX512_BF16 CPUs) | mixed_float16 (Volta/Turing)
+    precision: str = "float32"  # | mixed_bfloat16 (Ampere+ GPUs, TPUs, conv on AVX512_BF16 CPUs: README) | mixed_float16 (Volta/Turing)
     profile_steps: str = ""  # "START,END": a TensorBoard profiler trace of these global steps on the chief; "" = off
     steps_per_loop: int = 20  # steps per tf.function call: fewer Python round trips; SIGTERM is seen between calls
     anomaly_quantile: float = 0.99  # held-out error quantile used as the anomaly threshold

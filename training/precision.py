@@ -51,6 +51,22 @@ def make_optimizer(precision: str, learning_rate: float) -> keras.optimizers.Opt
     return adam
 
 
+def as_saved_in(optimizer: keras.optimizers.Optimizer, prefix: str):
+    """The optimizer as the checkpoint at `prefix` holds it, so a run may change --precision on resume.
+
+    A float16 run saves a LossScaleOptimizer around Adam (Adam under `optimizer/inner_optimizer`);
+    float32 and bfloat16 runs save Adam itself. Across that switch Adam's step and moments are
+    restored and the loss scale starts afresh (float16) or is dropped; weights are float32 in both.
+    """
+    saved_scaled = any(name.startswith("optimizer/inner_optimizer/") for name, _ in tf.train.list_variables(prefix))
+    scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    if saved_scaled == scaled:
+        return optimizer
+    if scaled:
+        return optimizer.inner_optimizer
+    return tf.train.Checkpoint(inner_optimizer=optimizer)
+
+
 def agree_on_finite(grads: list[tf.Tensor]) -> list[tf.Tensor]:
     """Makes every replica's gradients non-finite when any replica's are (float16 under a strategy).
 

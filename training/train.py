@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -105,12 +106,15 @@ def build_state(cfg: TrainConfig, input_shape, strategy: tf.distribute.Strategy,
         epoch_loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="epoch_loss_sum")
         # Saved so that a restarted worker can tell a finished job without loading the data.
         epoch_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="steps_per_epoch")
-    checkpoint = tf.train.Checkpoint(encoder=encoder, decoder=decoder, optimizer=optimizer, step=step,
-                                     epoch_loss_sum=epoch_loss_sum, steps_per_epoch=epoch_steps)
+    parts = dict(encoder=encoder, decoder=decoder, step=step, epoch_loss_sum=epoch_loss_sum,
+                 steps_per_epoch=epoch_steps)
+    checkpoint = tf.train.Checkpoint(optimizer=optimizer, **parts)
     chief = distribute.is_chief(strategy)
     manager = tf.train.CheckpointManager(checkpoint, _checkpoint_dir(cfg.workdir, strategy, chief),
                                          max_to_keep=3)
-    restore_newest(checkpoint, paths.join(cfg.workdir, "checkpoints"), distribute.task_name(strategy))
+    # Restored through the optimizer as each checkpoint saved it: --precision may change on resume.
+    restore_newest(lambda prefix: tf.train.Checkpoint(optimizer=precision.as_saved_in(optimizer, prefix), **parts),
+                   paths.join(cfg.workdir, "checkpoints"), distribute.task_name(strategy))
     if steps_per_epoch:
         epoch_steps.assign(steps_per_epoch)
     return TrainState(strategy, encoder, decoder, autoencoder, optimizer, step, epoch_loss_sum, checkpoint,
@@ -135,8 +139,11 @@ def checkpoint_paths(directory: str) -> list[str]:
     return [prefix for _, prefix in sorted(numbered, reverse=True)]
 
 
-def restore_newest(checkpoint: tf.train.Checkpoint, directory: str, who: str = "local") -> str | None:
+def restore_newest(checkpoint_for: Callable[[str], tf.train.Checkpoint], directory: str,
+                   who: str = "local") -> str | None:
     """Restores the newest checkpoint that restores and says why when it is not the newest.
+
+    `checkpoint_for(prefix)` gives the objects to restore that checkpoint into.
 
     Returns its prefix, or None when `directory` holds none (a fresh run). Raises
     CheckpointUnusable when there are checkpoints but none restores.
@@ -144,7 +151,9 @@ def restore_newest(checkpoint: tf.train.Checkpoint, directory: str, who: str = "
     failed = []
     for prefix in checkpoint_paths(directory):
         try:
-            checkpoint.restore(prefix).assert_existing_objects_matched()
+            status = checkpoint_for(prefix).restore(prefix)
+            status.assert_existing_objects_matched()
+            status.expect_partial()  # values this run has no object for (a dropped loss scale) are left
         except UNRESTORABLE as e:
             reason = e.message if isinstance(e, tf.errors.OpError) else str(e)
             failed.append(f"{_basename(prefix)} ({type(e).__name__}: {reason.splitlines()[0][:120]})")
