@@ -115,7 +115,8 @@ def test_stored_statistics_equal_numpys_on_the_training_codes(small_export):
     np.testing.assert_allclose(stored["code_precision"], precision, rtol=1e-3, atol=1e-3 * np.abs(precision).max())
     np.testing.assert_allclose(stored["median_distance"], np.median(distance(small_export["train"])), rtol=1e-3)
     np.testing.assert_allclose(stored["median_blurred"], np.median(blurred(small_export["train"])), rtol=1e-4)
-    line = np.exp(-0.5 * (np.arange(-3, 4) / scoring.BLUR_SIGMA) ** 2)
+    radius = int(4.0 * scoring.BLUR_SIGMA + 0.5)  # scipy's truncate=4.0
+    line = np.exp(-0.5 * (np.arange(-radius, radius + 1) / scoring.BLUR_SIGMA) ** 2)
     np.testing.assert_allclose(stored["blur_kernel"], np.outer(line, line) / line.sum() ** 2, rtol=1e-6)
 
 
