@@ -238,3 +238,20 @@ def test_normal_classes_on_a_streamed_source_is_refused_with_what_to_do(tmp_path
 def test_normal_classes_filters_an_in_memory_source_with_its_counts():
     source = anomaly.normal_source(labelled([1, 2, 1, 3], [2, 1, 3]).source("toy"), (1,), "toy")
     assert (source.train.count, source.test.count) == (2, 1) and source.train.y.tolist() == [1, 1]
+
+
+def test_an_unknown_anomaly_score_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="--anomaly-score must be one of mse, combined"):
+        TrainConfig(anomaly_score="mahalanobis")
+
+
+@pytest.mark.slow  # trains a small model once for the module (~15 s)
+def test_export_can_switch_the_served_score_to_mse(one_class_run):
+    cfg, result = one_class_run
+    mse_dir, created = jobs.export_job(cfg.workdir, anomaly_score="mse")  # a new score is a new version
+    assert created and mse_dir != result["export"]
+    normal = jobs.load_training_source(cfg).test.x
+    got = anomaly.score_examples(tf.saved_model.load(mse_dir).signatures["score"], normal)
+    assert set(got["anomaly_score_kind"]) == {b"mse"}
+    np.testing.assert_array_equal(got["anomaly_score"], got["error"])
+    np.testing.assert_array_equal(got["is_anomaly"], got["error"] > got["threshold"])
