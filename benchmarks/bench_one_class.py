@@ -1,6 +1,6 @@
 """One-class anomaly detection, the protocol of Ruff et al. (ICML 2018, "Deep One-Class Classification").
 
-    python -m benchmarks.bench_one_class [--epochs 20] [--digits 0,1,...]   # ~2.5 CPU-minutes for ten digits
+    python -m benchmarks.bench_one_class [--epochs 20] [--digits 0,1,...]   # ~4 CPU-minutes for ten digits
     # -> bench-output/one_class.json, bench-output/figures/one_class_*.png
 
 For each digit d: train on the training digits of class d only (`aekit train --normal-classes d`),
