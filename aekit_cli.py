@@ -66,6 +66,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normal-classes", help="anomaly detection: train on these labels only, e.g. 3 or 0,1,7")
     p.add_argument("--threshold-fpr", type=float,
                    help="anomaly threshold that flags this fraction of held-out normal data (default 0.01)")
+    p.add_argument("--anomaly-score", help="what score's anomaly_score and threshold use: combined (default: "
+                                           "latent Mahalanobis + blurred residual MSE) | mse (reconstruction MSE)")
     p.add_argument("--probe", action="store_true", default=None,
                    help="export also a classify signature: a linear probe fitted on the training split's codes")
     p.add_argument("--input-groups", type=int, help="streamed data: file sets per global batch (0: one per worker)")
@@ -119,7 +121,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from training import jobs
 
     version_dir, created = jobs.export_job(args.workdir, args.model_base_path, args.force, args.threshold_fpr,
-                                           args.probe)
+                                           args.probe, args.anomaly_score)
     print(f"exported {version_dir}" if created else f"already exported as {version_dir} (--force to export again)")
     return 0
 
@@ -240,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-base-path", help="default: the one in WORKDIR/config.json")
     p.add_argument("--threshold-fpr", type=float,
                    help="recalibrate the anomaly threshold to this held-out false-positive rate")
+    p.add_argument("--anomaly-score", help="mse | combined: the score the threshold is on (default: the workdir's)")
     p.add_argument("--force", action="store_true", help="export even if this training step is already exported")
     p.add_argument("--probe", action="store_true",
                    help="add classify signatures: a linear probe fitted on the training split's codes")

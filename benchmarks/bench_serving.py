@@ -38,7 +38,7 @@ import tensorflow as tf
 
 from clients import loadtest
 from tests.server_process import pinned_to, running_server
-from training import export, models
+from training import export, models, scoring
 
 MODEL = "autoencoder"
 # One batch thread: on 2 shared cores a second model call in parallel only adds contention.
@@ -56,7 +56,9 @@ def export_model(base: Path) -> Path:
     """An (untrained) conv autoencoder: latency does not depend on the weights."""
     encoder, decoder = models.build_autoencoder("conv", (28, 28, 1), 128)
     sample = np.random.default_rng(0).random((8, 28, 28, 1)).astype(np.float32)
-    return export.export_version(encoder, decoder, base, export.Threshold(0.02, 0.01, len(sample)), sample)
+    stats = scoring.fit_on_split(encoder, decoder, sample, "mse")
+    return export.export_version(encoder, decoder, base, export.Threshold(0.02, 0.01, len(sample)), sample,
+                                 stats=stats)
 
 
 def in_process(version_dir: Path, batch: int, concurrency: int, requests: int) -> dict:

@@ -153,9 +153,11 @@ class BaseClient:
         return self._single_output("denoise", images, **which)
 
     def score(self, images, **which) -> dict[str, np.ndarray]:
-        """images -> {"error": per-image MSE, "is_anomaly": bool, "threshold": the model's threshold,
-        "threshold_fpr": the held-out false-positive rate it was set to, "error_map": per-pixel squared
-        error, the input's shape} (the last two from models exported since they were added)."""
+        """images -> {"error": per-image MSE (the mean of error_map), "anomaly_score": what the threshold
+        is on, "anomaly_score_kind": mse | combined, "latent_distance", "blurred_error", "is_anomaly":
+        anomaly_score > threshold, "threshold": the model's threshold, "threshold_fpr": the held-out
+        false-positive rate it was set to, "error_map": per-pixel squared error, the input's shape}
+        (outputs other than error, is_anomaly and threshold only from models exported since they were added)."""
         return self.predict("score", images, **which)
 
     def classify(self, images, **which) -> dict[str, np.ndarray]:

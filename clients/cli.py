@@ -89,10 +89,11 @@ def run(args: argparse.Namespace) -> int:
         batch = np.clip(batch + noise, 0.0, 1.0)
     if args.method == "score":
         result = client.score(batch)
-        for i, (error, flag) in enumerate(zip(result["error"], result["is_anomaly"])):
-            print(f"{i:5d}  error {error:.6f}  {'ANOMALY' if flag else 'ok'}")
-        print(f"threshold {float(result['threshold'][0]):.6f}; {int(np.sum(result['is_anomaly']))} of "
-              f"{len(batch)} flagged")
+        scores = result.get("anomaly_score", result["error"])  # exports before anomaly_score: the error
+        for i, (error, score, flag) in enumerate(zip(result["error"], scores, result["is_anomaly"])):
+            print(f"{i:5d}  error {error:.6f}  anomaly score {score:.6f}  {'ANOMALY' if flag else 'ok'}")
+        print(f"threshold {float(result['threshold'][0]):.6f} on the {_score_kind(result)} score; "
+              f"{int(np.sum(result['is_anomaly']))} of {len(batch)} flagged")
         if args.output:
             io.save_output(np.stack([result["error"], result["is_anomaly"]], axis=1), args.output)
         if args.error_map:
@@ -143,7 +144,7 @@ def _print_classes(result: dict[str, np.ndarray], output: str | None) -> int:
 
 
 def _threshold_of(client, status: dict) -> dict:
-    """An AVAILABLE version's anomaly threshold and its false-positive rate, read through its score
+    """An AVAILABLE version's anomaly threshold, its false-positive rate and the score it is on, read through its score
     signature (one blank input): signature outputs are what every TF Serving client can see."""
     if status["state"] != "AVAILABLE":
         return {}
@@ -157,7 +158,16 @@ def _threshold_of(client, status: dict) -> dict:
     found = {"anomaly_threshold": float(result["threshold"][0])}
     if "threshold_fpr" in result:
         found["threshold_fpr"] = float(result["threshold_fpr"][0])
+    found["anomaly_score"] = _score_kind(result)
     return found
+
+
+def _score_kind(result: dict) -> str:
+    """Which score the threshold is on: mse | combined (exports before anomaly_score_kind: mse)."""
+    if "anomaly_score_kind" not in result:
+        return "mse"
+    kind = result["anomaly_score_kind"][0]
+    return kind.decode() if isinstance(kind, bytes) else str(kind)
 
 
 def _scaled_error_map(error_map: np.ndarray) -> np.ndarray:

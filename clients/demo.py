@@ -26,6 +26,7 @@ from clients.grpc_client import AutoencoderClient
 
 DEMO_NOISE = 0.4  # the seed blog's noise factor
 READY_TIMEOUT = 120.0
+SCORE = "anomaly_score"  # what the threshold is on (score's is_anomaly); error stays the plain MSE
 
 
 @dataclasses.dataclass
@@ -112,12 +113,12 @@ def _call_and_plot(client: AutoencoderClient, arrays, figures: Path, train_resul
         plots.plot_denoising(noisy, denoised, clean, figures / "denoising.png"),
         plots.plot_latent_space(latents, arrays.y_test, figures / "latent_space.png"),
         plots.plot_training_curves(train_result["history"], figures / "training_curves.png"),
-        plots.plot_score_histogram(scores["error"], threshold, figures / "anomaly_scores.png", anomalies["error"]),
-        plots.plot_score_histogram(scores["error"], threshold, figures / "anomaly_turned.png", turned_scores["error"],
+        plots.plot_score_histogram(scores[SCORE], threshold, figures / "anomaly_scores.png", anomalies[SCORE]),
+        plots.plot_score_histogram(scores[SCORE], threshold, figures / "anomaly_turned.png", turned_scores[SCORE],
                                    anomaly_label="anomalies (digits turned 90 degrees)"),
-        plots.plot_roc_curve(scores["error"], turned_scores["error"], figures / "anomaly_roc.png", threshold),
+        plots.plot_roc_curve(scores[SCORE], turned_scores[SCORE], figures / "anomaly_roc.png", threshold),
         plots.plot_worst_scored(both, np.concatenate([scores["error_map"], turned_scores["error_map"]]),
-                                np.concatenate([scores["error"], turned_scores["error"]]),
+                                np.concatenate([scores[SCORE], turned_scores[SCORE]]),
                                 figures / "anomaly_worst.png"),
     ]
     mse = lambda a, b: float(np.mean((a - b) ** 2))  # noqa: E731

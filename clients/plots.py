@@ -105,15 +105,17 @@ def plot_training_curves(history: list[dict], path) -> Path:
 
 
 def plot_score_histogram(normal_errors, threshold: float, path, anomaly_errors=None,
-                         anomaly_label: str = "anomalies (noise images)", normal_label: str = "held-out digits") -> Path:
+                         anomaly_label: str = "anomalies (noise images)", normal_label: str = "held-out digits",
+                         xlabel: str = "anomaly score (score's anomaly_score)") -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
-    upper = max(np.max(normal_errors), np.max(anomaly_errors) if anomaly_errors is not None else 0, threshold)
-    bins = np.linspace(0, upper * 1.05, 60)
+    every = np.concatenate([normal_errors, anomaly_errors if anomaly_errors is not None else [], [threshold]])
+    lower, upper = min(0.0, float(np.min(every))), float(np.max(every))  # the combined score can be negative
+    bins = np.linspace(lower, upper + 0.05 * (upper - lower), 60)
     ax.hist(normal_errors, bins=bins, alpha=0.7, label=normal_label)
     if anomaly_errors is not None:
         ax.hist(anomaly_errors, bins=bins, alpha=0.7, label=anomaly_label)
     ax.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold:.4f}")
-    ax.set_xlabel("reconstruction error (MSE per image)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("count")
     ax.set_title("Anomaly scores")
     ax.legend()
@@ -145,7 +147,7 @@ def plot_worst_scored(images, error_maps, errors, path, count: int = 8) -> Path:
     order = np.argsort(errors)[::-1][:count]
     fig, axes = plt.subplots(2, len(order), figsize=(1.4 * len(order), 3.2), squeeze=False)
     for column, i in enumerate(order):
-        _image(axes[0, column], images[i], f"error {errors[i]:.4f}")
+        _image(axes[0, column], images[i], f"score {errors[i]:.4f}")
         axes[1, column].imshow(error_maps[i][..., 0] if error_maps[i].shape[-1] == 1 else error_maps[i].mean(-1),
                                cmap="inferno")
         axes[1, column].set_xticks([])

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
+from scipy import ndimage
 
-from training import anomaly, convert, data, export, jobs
+from training import anomaly, convert, data, export, jobs, models, scoring
 from training.config import ConfigError, TrainConfig
 from training.evaluate import latest_version_dir
 
@@ -67,6 +68,84 @@ def test_detection_metrics_on_a_hand_computed_case():
 
 
 @pytest.fixture(scope="module")
+def small_export(tmp_path_factory):
+    """An untrained dense autoencoder on 8x8 images with the combined score, exported once (~3 s):
+    the statistics do not need a trained model to be checked."""
+    root = tmp_path_factory.mktemp("small")
+    rng = np.random.default_rng(0)
+    train_x, test_x = (rng.random((n, 8, 8, 1)).astype(np.float32) for n in (40, 30))
+    encoder, decoder = models.build_autoencoder("dense", (8, 8, 1), 4)
+    stats = scoring.fit_on_split(encoder, decoder, train_x, "combined")
+    threshold = export.calibrate_threshold(scoring.anomaly_scores(encoder, decoder, test_x, stats), 0.1, stats.kind)
+    version_dir, _ = export.export_version(encoder, decoder, str(root / "models"), threshold, test_x[:8], stats=stats)
+    return {"encoder": encoder, "decoder": decoder, "train": train_x, "test": test_x, "threshold": threshold,
+            "loaded": tf.saved_model.load(version_dir)}
+
+
+def numpy_statistics(encoder, decoder, x, sigma=scoring.BLUR_SIGMA, shrinkage=scoring.SHRINKAGE):
+    """The combined score's pieces computed with numpy and scipy alone: codes, their mean and
+    regularised inverse covariance, the squared Mahalanobis and blurred-residual functions."""
+    codes = encoder(x, training=False).numpy().astype(np.float64)
+    covariance = np.cov(codes.T)
+    ridge = shrinkage * np.trace(covariance) / codes.shape[1]
+    mean, precision = codes.mean(axis=0), np.linalg.inv(covariance + ridge * np.eye(codes.shape[1]))
+
+    def distance(images):
+        z = encoder(images, training=False).numpy().astype(np.float64) - mean
+        return np.einsum("ij,jk,ik->i", z, precision, z)
+
+    def blurred(images):
+        residual = decoder(encoder(images, training=False), training=False).numpy().astype(np.float64) - images
+        smooth = ndimage.gaussian_filter(residual, (0, sigma, sigma, 0), mode="constant", truncate=4.0)
+        return np.square(smooth).reshape(len(images), -1).mean(axis=1)
+
+    return mean, precision, distance, blurred
+
+
+def stored_variables(loaded) -> dict[str, np.ndarray]:
+    # keras.export.ExportArchive keeps every tracked variable in `_all_variables`; the names are ours
+    return {v.name.split(":")[0]: v.numpy() for v in loaded._all_variables}
+
+
+def test_stored_statistics_equal_numpys_on_the_training_codes(small_export):
+    mean, precision, distance, blurred = numpy_statistics(small_export["encoder"], small_export["decoder"],
+                                                          small_export["train"])
+    stored = stored_variables(small_export["loaded"])
+    np.testing.assert_allclose(stored["code_mean"], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stored["code_precision"], precision, rtol=1e-3, atol=1e-3 * np.abs(precision).max())
+    np.testing.assert_allclose(stored["median_distance"], np.median(distance(small_export["train"])), rtol=1e-3)
+    np.testing.assert_allclose(stored["median_blurred"], np.median(blurred(small_export["train"])), rtol=1e-4)
+    radius = int(4.0 * scoring.BLUR_SIGMA + 0.5)  # scipy's truncate=4.0
+    line = np.exp(-0.5 * (np.arange(-radius, radius + 1) / scoring.BLUR_SIGMA) ** 2)
+    np.testing.assert_allclose(stored["blur_kernel"], np.outer(line, line) / line.sum() ** 2, rtol=1e-6)
+
+
+def test_served_combined_score_equals_a_numpy_computation(small_export):
+    encoder, decoder, train_x = small_export["encoder"], small_export["decoder"], small_export["train"]
+    _, _, distance, blurred = numpy_statistics(encoder, decoder, train_x)
+    x = np.concatenate([small_export["test"][:3], np.zeros((1, 8, 8, 1), np.float32)])  # and a blank input
+    got = {k: v.numpy() for k, v in small_export["loaded"].signatures["score"](images=x).items()}
+    want = (np.log(distance(x) / np.median(distance(train_x))) + np.log(blurred(x) / np.median(blurred(train_x))))
+    np.testing.assert_allclose(got["latent_distance"], distance(x), rtol=1e-3)
+    np.testing.assert_allclose(got["blurred_error"], blurred(x), rtol=1e-4)
+    np.testing.assert_allclose(got["anomaly_score"], want, rtol=1e-3, atol=1e-3)
+    assert got["anomaly_score_kind"].tolist() == [b"combined"] * len(x)
+
+
+def test_threshold_is_on_the_served_score_and_error_is_still_the_mean_of_error_map(small_export):
+    score = small_export["loaded"].signatures["score"]
+    got = anomaly.score_examples(score, small_export["test"])
+    threshold = small_export["threshold"]
+    # calibrated on the served score (computed eagerly at export; the graph agrees to float32 rounding)
+    assert threshold.score == "combined"
+    assert threshold.value == pytest.approx(export.calibrate_threshold(got["anomaly_score"], 0.1).value, rel=1e-5)
+    np.testing.assert_array_equal(got["is_anomaly"], got["anomaly_score"] > np.float32(threshold.value))
+    assert int(got["is_anomaly"].sum()) == 3  # floor(0.1 * 30)
+    assert not np.allclose(got["anomaly_score"], got["error"])
+    np.testing.assert_allclose(got["error_map"].mean(axis=(1, 2, 3)), got["error"], rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
 def one_class_run(tmp_path_factory):
     """A tiny conv model trained on digit 1 only, exported once."""
     root = tmp_path_factory.mktemp("one-class")
@@ -84,8 +163,9 @@ def test_training_on_normal_classes_calibrates_on_held_out_normal_data(one_class
     assert set(normal.train.y.tolist()) == set(normal.test.y.tolist()) == {1}
     assert normal.test.count == len(normal.test.x)
     scores = anomaly.score_examples(loaded.signatures["score"], normal.test.x)
-    assert np.all(scores["threshold_fpr"] == np.float32(0.05))
+    assert np.all(scores["threshold_fpr"] == np.float32(0.05)) and set(scores["anomaly_score_kind"]) == {b"combined"}
     assert int(np.sum(scores["is_anomaly"])) == int(np.floor(0.05 * len(normal.test.x)))
+    np.testing.assert_array_equal(scores["is_anomaly"], scores["anomaly_score"] > scores["threshold"])
 
 
 @pytest.mark.slow  # trains a small model once for the module (~15 s)
@@ -124,8 +204,9 @@ def test_evaluate_anomaly_reports_detection_quality(one_class_run, tmp_path):
     ones = test.y_test == 1
     assert (report["normal_examples"], report["anomaly_examples"]) == (int(ones.sum()), int((~ones).sum()))
     loaded = tf.saved_model.load(str(latest_version_dir(cfg.model_base_path)))
-    errors = anomaly.score_examples(loaded.signatures["score"], test.x_test)["error"]
-    expected = anomaly.detection_metrics(errors[ones], errors[~ones], report["threshold"])
+    scores = anomaly.score_examples(loaded.signatures["score"], test.x_test)["anomaly_score"]
+    expected = anomaly.detection_metrics(scores[ones], scores[~ones], report["threshold"])
+    assert report["anomaly_score"] == "combined"
     assert {k: report[k] for k in expected} == pytest.approx(expected)
     noise = np.random.default_rng(0).random((20, 28, 28, 1)).astype(np.float32)
     np.savez(tmp_path / "noise.npz", x_train=noise[:10], x_test=noise[10:])
@@ -157,3 +238,20 @@ def test_normal_classes_on_a_streamed_source_is_refused_with_what_to_do(tmp_path
 def test_normal_classes_filters_an_in_memory_source_with_its_counts():
     source = anomaly.normal_source(labelled([1, 2, 1, 3], [2, 1, 3]).source("toy"), (1,), "toy")
     assert (source.train.count, source.test.count) == (2, 1) and source.train.y.tolist() == [1, 1]
+
+
+def test_an_unknown_anomaly_score_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="--anomaly-score must be one of mse, combined"):
+        TrainConfig(anomaly_score="mahalanobis")
+
+
+@pytest.mark.slow  # trains a small model once for the module (~15 s)
+def test_export_can_switch_the_served_score_to_mse(one_class_run):
+    cfg, result = one_class_run
+    mse_dir, created = jobs.export_job(cfg.workdir, anomaly_score="mse")  # a new score is a new version
+    assert created and mse_dir != result["export"]
+    normal = jobs.load_training_source(cfg).test.x
+    got = anomaly.score_examples(tf.saved_model.load(mse_dir).signatures["score"], normal)
+    assert set(got["anomaly_score_kind"]) == {b"mse"}
+    np.testing.assert_array_equal(got["anomaly_score"], got["error"])
+    np.testing.assert_array_equal(got["is_anomaly"], got["error"] > got["threshold"])

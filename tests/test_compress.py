@@ -13,7 +13,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
 import aekit_cli
-from training import codefile, compress, data, export, models, quantize
+from training import codefile, compress, data, export, models, quantize, scoring
 from training.evaluate import psnr_db
 
 LATENT = 6
@@ -98,7 +98,9 @@ def _export(encoder, decoder, source, base, force=False):
                                 (clean for _, clean in data.eval_dataset(source.train, 64)))
     sample = next(iter(data.eval_dataset(source.test, 8)))[1].numpy()
     threshold = export.calibrate_threshold(np.linspace(0.0, 1.0, 50), 0.1)
-    return export.export_version(encoder, decoder, str(base), threshold, sample, force=force, ranges=ranges)[0], ranges
+    stats = scoring.fit_on_split(encoder, decoder, source.train, "mse")
+    return export.export_version(encoder, decoder, str(base), threshold, sample, force=force, ranges=ranges,
+                                 stats=stats)[0], ranges
 
 
 @pytest.fixture(scope="module")

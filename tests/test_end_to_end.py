@@ -145,6 +145,7 @@ def test_cli_on_npy_and_png(trained, server, images, tmp_path):
     status = json.loads(aekit("client", "status", "--server", server.grpc_address, "--model", "autoencoder").stdout)
     assert status[0]["state"] == "AVAILABLE"
     assert status[0]["threshold_fpr"] == pytest.approx(0.01) and status[0]["anomaly_threshold"] > 0
+    assert status[0]["anomaly_score"] == "combined"  # the default, read through the score signature
 
 
 def trained_model_reconstruction(trained, images):

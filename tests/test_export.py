@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import posixpath
 import socket
@@ -13,7 +14,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
 from storage import paths
-from training import data, export, jobs, train
+from training import anomaly, data, export, jobs, scoring, train
 from training.config import ConfigError, TrainConfig
 
 
@@ -51,17 +52,20 @@ def test_export_signatures_match_keras(tmp_path, trained):
     assert io("decompress") == ({"codes": ((None, 16), tf.uint8)}, {"images": (image, tf.float32)})
     assert io("score")[1] == {"error": ((None,), tf.float32), "is_anomaly": ((None,), tf.bool),
                               "threshold": ((None,), tf.float32), "threshold_fpr": ((None,), tf.float32),
-                              "error_map": (image, tf.float32)}
+                              "error_map": (image, tf.float32), "anomaly_score": ((None,), tf.float32),
+                              "latent_distance": ((None,), tf.float32), "blurred_error": ((None,), tf.float32),
+                              "anomaly_score_kind": ((None,), tf.string)}
 
     x = data.scale_to_unit(tf.constant(arrays.x_test[:5])).numpy()
     np.testing.assert_allclose(loaded.signatures["denoise"](images=x)["reconstruction"].numpy(),
                                state.autoencoder(x).numpy(), atol=1e-5)
     score = loaded.signatures["score"](images=x)
-    errors = jobs.held_out_errors(state, arrays.x_test)
-    threshold = export.calibrate_threshold(errors, 1 - cfg.anomaly_quantile).value
-    np.testing.assert_allclose(score["threshold"].numpy(), threshold, rtol=1e-6)
+    served = anomaly.score_examples(loaded.signatures["score"], arrays.x_test)["anomaly_score"]
+    threshold = export.calibrate_threshold(served, 1 - cfg.anomaly_quantile).value
+    np.testing.assert_allclose(score["threshold"].numpy(), threshold, rtol=1e-5)
     np.testing.assert_allclose(score["threshold_fpr"].numpy(), 1 - cfg.anomaly_quantile, rtol=1e-6)
-    np.testing.assert_array_equal(score["is_anomaly"].numpy(), score["error"].numpy() > threshold)
+    np.testing.assert_array_equal(score["is_anomaly"].numpy(), score["anomaly_score"].numpy() > threshold)
+    assert score["anomaly_score_kind"].numpy().tolist() == [cfg.anomaly_score.encode()] * len(x)
 
 
 def test_warmup_file_has_records_for_every_signature(tmp_path, trained):
@@ -133,12 +137,19 @@ def test_a_failed_check_publishes_nothing(tmp_path, trained, monkeypatch):
 def test_verify_export_catches_a_real_mismatch(tmp_path, trained):
     cfg, state, arrays = trained
     x = data.scale_to_unit(tf.constant(arrays.x_test[:4])).numpy()
-    written = export.Threshold(0.01, 0.01, 64)
-    export.build_archive(state.encoder, state.decoder, written).write_out(str(tmp_path / "v"), verbose=False)
+    written, stats = export.Threshold(0.01, 0.01, 64), scoring.fit_on_split(state.encoder, state.decoder,
+                                                                           arrays.x_train, "mse")
+    export.build_archive(state.encoder, state.decoder, written, stats=stats).write_out(str(tmp_path / "v"),
+                                                                                      verbose=False)
     with pytest.raises(export.ExportError, match="score"):  # threshold differs
-        export.verify_export(tmp_path / "v", state.encoder, state.decoder, export.Threshold(0.5, 0.01, 64), x)
+        export.verify_export(tmp_path / "v", state.encoder, state.decoder, export.Threshold(0.5, 0.01, 64), x,
+                             stats=stats)
     with pytest.raises(export.ExportError, match="threshold_fpr"):  # how it was chosen differs
-        export.verify_export(tmp_path / "v", state.encoder, state.decoder, export.Threshold(0.01, 0.05, 64), x)
+        export.verify_export(tmp_path / "v", state.encoder, state.decoder, export.Threshold(0.01, 0.05, 64), x,
+                             stats=stats)
+    moved = dataclasses.replace(stats, code_mean=stats.code_mean + 1.0)  # a stored statistic differs
+    with pytest.raises(export.ExportError, match="latent_distance"):
+        export.verify_export(tmp_path / "v", state.encoder, state.decoder, written, x, stats=moved)
 
 
 def test_export_job_needs_a_trained_workdir(tmp_path):

@@ -24,7 +24,7 @@ from serving.core import DataPlane
 from serving.grpc_server import GrpcServer
 from serving.manager import ModelManager
 from serving.rest_server import RestApi, RestServer
-from training import data, export, models, probe
+from training import data, export, models, probe, scoring
 from training.config import ConfigError
 from training.multiworker import free_ports
 
@@ -117,7 +117,9 @@ def exported(tmp_path_factory):
     fitted = probe.fit_export_probe(lambda x: encoder(x, training=False), source.train, "digits")
     sample = data.scale_to_unit(x_test[:8, ..., None]).numpy()
     threshold = export.calibrate_threshold(np.linspace(0.0, 1.0, 50), 0.1)
-    version_dir, _ = export.export_version(encoder, decoder, str(root / "models"), threshold, sample, probe=fitted)
+    stats = scoring.fit_on_split(encoder, decoder, source.train, "mse")
+    version_dir, _ = export.export_version(encoder, decoder, str(root / "models"), threshold, sample, probe=fitted,
+                                           stats=stats)
     return {"root": root, "version_dir": version_dir, "probe": fitted, "encoder": encoder,
             "images": data.scale_to_unit(x_test[..., None]).numpy(), "dataset": f"npz:{root / 'digits.npz'}"}
 

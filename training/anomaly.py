@@ -7,8 +7,8 @@
 `normal_source` keeps only the normal labels of a labelled in-memory source (for training and
 for the threshold's calibration; a streamed tfrecord:/tfds: source is refused with what to do,
 because its epoch length and shards are fixed by its files); `evaluate_anomaly` scores the held-out split of the latest exported
-version through its `score` signature (the normal classes against the rest, or the whole test
-split against a separate anomaly source) and reports AUROC and average precision, which need no
+version through its `score` signature's anomaly_score, the score its threshold is on (the
+normal classes against the rest, or the whole test split against a separate anomaly source) and reports AUROC and average precision, which need no
 threshold, and false-positive rate, recall, precision and F1 at the model's stored threshold.
 """
 
@@ -100,6 +100,11 @@ def score_split(score, split: data.Split) -> tuple[dict[str, np.ndarray], np.nda
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}, np.concatenate(labels)
 
 
+def served_score_key(outputs: dict) -> str:
+    """The output is_anomaly thresholds: anomaly_score, or error in exports made before it existed."""
+    return "anomaly_score" if "anomaly_score" in outputs else "error"
+
+
 def check_classes(labels: dict[str, np.ndarray], classes: Sequence[int], dataset: str) -> None:
     """The checks of `normal_split` on labels alone (the split's images need not be in memory)."""
     present = np.unique(np.concatenate(list(labels.values())))
@@ -126,21 +131,23 @@ def evaluate_anomaly(model_base_path: str, dataset: str, normal_classes: str = "
     model = load_for_source(model_base_path, "score", dataset, data_dir)
     score, source, version = model.signature, model.source, model.version
     test, test_labels = score_split(score, source.test)
+    key = served_score_key(test)
     if normal_classes:
         classes = parse_classes(normal_classes)
         check_classes({"held-out": test_labels}, classes, dataset)
         is_normal = np.isin(test_labels, classes)
-        normal_errors, anomaly_errors = test["error"][is_normal], test["error"][~is_normal]
+        normal_errors, anomaly_errors = test[key][is_normal], test[key][~is_normal]
     else:
         other = data.load_source(anomalies, data_dir)
         if other.input_shape != source.input_shape:
             raise ConfigError(f"anomaly source {anomalies} has examples of shape {other.input_shape}, "
                               f"but {dataset} and the model have {source.input_shape}")
-        normal_errors = test["error"]
-        anomaly_errors = np.concatenate([score_split(score, split)[0]["error"] for split in (other.train, other.test)])
+        normal_errors = test[key]
+        anomaly_errors = np.concatenate([score_split(score, split)[0][key] for split in (other.train, other.test)])
     threshold = float(test["threshold"][0])
     # exports made before threshold_fpr existed used the 0.99 quantile of the held-out errors
     fpr = float(test["threshold_fpr"][0]) if "threshold_fpr" in test else 0.01
+    kind = test["anomaly_score_kind"][0].decode() if "anomaly_score_kind" in test else "mse"
     return {"version": version, "normal_examples": len(normal_errors), "anomaly_examples": len(anomaly_errors),
-            "threshold": threshold, "threshold_fpr": fpr,
+            "threshold": threshold, "threshold_fpr": fpr, "anomaly_score": kind,
             **detection_metrics(normal_errors, anomaly_errors, threshold)}

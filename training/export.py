@@ -44,9 +44,10 @@ from tensorflow_serving.apis import (
 )
 
 from storage import paths
-from training import models, quantize
+from training import quantize, scoring
 from training.config import ConfigError
 from training.probe import LinearProbe
+from training.scoring import ScoreStats
 
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
 IDENTITY_FILE = "assets.extra/aekit_export.json"  # training step and weights hash; servers ignore it
@@ -71,19 +72,21 @@ def next_version(base: str) -> int:
 @dataclasses.dataclass(frozen=True)
 class Threshold:
     """The anomaly threshold and how it was chosen; the score signature returns both."""
-    value: float  # an input whose reconstruction error exceeds this is an anomaly
+    value: float  # an input whose served anomaly_score exceeds this is an anomaly
     fpr: float  # the fraction of held-out normal examples it flags (the target false-positive rate)
     examples: int  # how many held-out normal examples it was calibrated on
+    score: str = "mse"  # which anomaly_score it is on: mse | combined (config.ANOMALY_SCORES)
 
     def describe(self) -> str:
-        return (f"anomaly threshold {self.value:.6g}: flags {self.fpr:.2%} of {self.examples} "
-                "held-out normal examples")
+        return (f"anomaly threshold {self.value:.6g} on the {self.score} score: flags {self.fpr:.2%} of "
+                f"{self.examples} held-out normal examples")
 
 
-def calibrate_threshold(errors: np.ndarray, fpr: float) -> Threshold:
-    """The threshold that flags exactly floor(fpr * n) of the n held-out normal errors (fewer on ties).
+def calibrate_threshold(errors: np.ndarray, fpr: float, score: str = "mse") -> Threshold:
+    """The threshold that flags exactly floor(fpr * n) of the n held-out normal scores (fewer on ties).
 
-    An input is flagged when its error is strictly above the threshold, so the threshold is the
+    `errors` are the served anomaly_score of the held-out normal examples (`score` names which).
+    An input is flagged when its score is strictly above the threshold, so the threshold is the
     order statistic just below the top floor(fpr * n): the largest false-positive rate on the
     calibration data that does not exceed `fpr`. np.quantile(errors, 1 - fpr) would interpolate
     between two errors and flag the same examples.
@@ -96,16 +99,19 @@ def calibrate_threshold(errors: np.ndarray, fpr: float) -> Threshold:
     flagged = int(math.floor(fpr * len(errors) + 1e-9))  # 1e-9: 0.01 * 1000 is 9.999... in floats
     if flagged >= len(errors):
         flagged = len(errors) - 1
-    return Threshold(float(errors[len(errors) - flagged - 1]), fpr, len(errors))
+    return Threshold(float(errors[len(errors) - flagged - 1]), fpr, len(errors), score)
 
 
 def build_archive(encoder: keras.Model, decoder: keras.Model, threshold: Threshold,
-                  probe: LinearProbe | None = None,
-                  ranges: quantize.Ranges | None = None) -> keras.export.ExportArchive:
+                  probe: LinearProbe | None = None, ranges: quantize.Ranges | None = None, *,
+                  stats: ScoreStats) -> keras.export.ExportArchive:
     """The serving signatures, with named inputs and outputs and a free batch dimension.
 
-    score returns the threshold and its false-positive rate as outputs because outputs are all a
-    TF Serving client can see: GetModelMetadata answers only "signature_def"
+    score returns error (per-example MSE, the mean of error_map), error_map, latent_distance,
+    blurred_error and anomaly_score (training.scoring.score_outputs, from `stats` stored as
+    variables), is_anomaly (anomaly_score > threshold), and the threshold, its false-positive
+    rate and anomaly_score_kind (mse | combined) as outputs because outputs are all a TF Serving
+    client can see: GetModelMetadata answers only "signature_def"
     (tensorflow_serving/servables/tensorflow/get_model_metadata_impl.cc), and assets.extra is
     never sent to a client.
     """
@@ -113,6 +119,8 @@ def build_archive(encoder: keras.Model, decoder: keras.Model, threshold: Thresho
     latent_spec = tf.TensorSpec((None, decoder.input_shape[-1]), tf.float32, name="latent")
     threshold_var = tf.Variable(threshold.value, trainable=False, dtype=tf.float32, name="anomaly_threshold")
     fpr_var = tf.Variable(threshold.fpr, trainable=False, dtype=tf.float32, name="anomaly_threshold_fpr")
+    stats_vars = {name: tf.Variable(value, trainable=False, name=name)
+                  for name, value in scoring.stats_tensors(stats).items()}
 
     def encode(images):
         return {"latent": encoder(images, training=False)}
@@ -124,19 +132,21 @@ def build_archive(encoder: keras.Model, decoder: keras.Model, threshold: Thresho
         return {"reconstruction": decoder(encoder(images, training=False), training=False)}
 
     def score(images):
-        reconstruction = denoise(images)["reconstruction"]
-        error = models.reconstruction_error(images, reconstruction)
-        error_map = tf.square(reconstruction - images)  # where the input is anomalous; its mean is error
-        return {"error": error, "is_anomaly": error > threshold_var, "error_map": error_map,
+        codes = encoder(images, training=False)
+        outputs = scoring.score_outputs(images, codes, decoder(codes, training=False), stats_vars, stats.kind)
+        rows = tf.shape(outputs["error"])
+        return {**outputs, "is_anomaly": outputs["anomaly_score"] > threshold_var,
                 # per example, so REST row format ("predictions") can return them with the rest
-                "threshold": tf.fill(tf.shape(error), threshold_var),
-                "threshold_fpr": tf.fill(tf.shape(error), fpr_var)}
+                "threshold": tf.fill(rows, threshold_var), "threshold_fpr": tf.fill(rows, fpr_var),
+                "anomaly_score_kind": tf.fill(rows, tf.constant(stats.kind))}
 
     archive = keras.export.ExportArchive()
     archive.track(encoder)
     archive.track(decoder)
     archive.track(threshold_var)
     archive.track(fpr_var)
+    for variable in stats_vars.values():
+        archive.track(variable)
     for name, fn, spec in [("encode", encode, image_spec), ("decode", decode, latent_spec),
                            ("denoise", denoise, image_spec), ("score", score, image_spec),
                            ("serving_default", denoise, image_spec)]:
@@ -288,21 +298,25 @@ def _classify_warmup(images: np.ndarray) -> list[prediction_log_pb2.PredictionLo
 
 def verify_export(version_dir: str, encoder: keras.Model, decoder: keras.Model, threshold: Threshold,
                   images: np.ndarray, probe: LinearProbe | None = None,
-                  ranges: quantize.Ranges | None = None) -> None:
-    """Loads the SavedModel back and compares every signature with the Keras model on `images`."""
+                  ranges: quantize.Ranges | None = None, *, stats: ScoreStats) -> None:
+    """Loads the SavedModel back and compares every signature with the Keras model on `images`
+    (score: with training.scoring run eagerly on the Keras model's codes and reconstructions)."""
     loaded = tf.saved_model.load(str(version_dir))
     latent = encoder(images, training=False).numpy()
     reconstruction = decoder(latent, training=False).numpy()
-    error = models.reconstruction_error(images, reconstruction).numpy()
+    scores = {k: v.numpy() for k, v in scoring.score_outputs(
+        tf.constant(images), tf.constant(latent), tf.constant(reconstruction), scoring.stats_tensors(stats),
+        stats.kind).items()}
+    error = scores["error"]
     expected = {
         "encode": ({"images": images}, {"latent": latent}),
         "decode": ({"latent": latent}, {"reconstruction": reconstruction}),
         "denoise": ({"images": images}, {"reconstruction": reconstruction}),
         "serving_default": ({"images": images}, {"reconstruction": reconstruction}),
-        "score": ({"images": images}, {"error": error, "is_anomaly": error > threshold.value,
-                                       "error_map": np.square(reconstruction - images),
+        "score": ({"images": images}, {**scores, "is_anomaly": scores["anomaly_score"] > threshold.value,
                                        "threshold": np.full_like(error, threshold.value),
-                                       "threshold_fpr": np.full_like(error, threshold.fpr)}),
+                                       "threshold_fpr": np.full_like(error, threshold.fpr),
+                                       "anomaly_score_kind": np.full(len(error), stats.kind.encode(), object)}),
     }
     if probe is not None:
         expected.update(expected_classify(probe, latent, images))
@@ -339,7 +353,7 @@ def expected_classify(probe: LinearProbe, latent: np.ndarray, images: np.ndarray
 def export_version(encoder: keras.Model, decoder: keras.Model, model_base_path: str,
                    threshold: Threshold, sample_images: np.ndarray, identity: dict | None = None,
                    force: bool = False, probe: LinearProbe | None = None,
-                   ranges: quantize.Ranges | None = None) -> tuple[str, bool]:
+                   ranges: quantize.Ranges | None = None, *, stats: ScoreStats) -> tuple[str, bool]:
     """Writes, checks and publishes the next version; returns (its folder, whether it is new).
 
     `ranges` are the quantization ranges of compress/decompress, calibrated on the training split's
@@ -361,13 +375,13 @@ def export_version(encoder: keras.Model, decoder: keras.Model, model_base_path: 
         # Hidden and non-numeric, so TF Serving's version scan ignores it while it is written.
         staging = paths.join(base, f"{STAGING_PREFIX}{version}-{socket.gethostname()}-{os.getpid()}")
         try:
-            build_archive(encoder, decoder, threshold, probe, ranges).write_out(staging, verbose=False)
+            build_archive(encoder, decoder, threshold, probe, ranges, stats=stats).write_out(staging, verbose=False)
             write_warmup(staging, sample_images, sample_latents, probe is not None,
                          quantize.quantize_np(sample_latents, ranges))
             if identity:
                 paths.write_text(paths.join(staging, IDENTITY_FILE), json.dumps(identity))
             paths.write_text(paths.join(staging, COMPRESSION_FILE), json.dumps(compression_metadata(decoder, ranges)))
-            verify_export(staging, encoder, decoder, threshold, sample_images, probe, ranges)
+            verify_export(staging, encoder, decoder, threshold, sample_images, probe, ranges, stats=stats)
             final = paths.join(base, str(version))
             try:
                 paths.publish_tree(staging, final, last="saved_model.pb")

@@ -7,14 +7,23 @@ from __future__ import annotations
 
 import hashlib
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from storage import paths
-from training import anomaly, data, distribute, export, models, precision, probe, quantize, train
+from training import (
+    anomaly,
+    data,
+    distribute,
+    export,
+    precision,
+    probe,
+    quantize,
+    scoring,
+    train,
+)
 from training.config import ConfigError, TrainConfig
-from training.evaluate import EVAL_BATCH, evaluate_saved_model
+from training.evaluate import evaluate_saved_model
 
 SAMPLE_IMAGES = 8  # held-out examples used to check the export and to write warmup records
 
@@ -101,48 +110,46 @@ def weights_fingerprint(state: train.TrainState) -> str:
 
 def export_trained(state: train.TrainState, cfg: TrainConfig, source: data.Source | data.Arrays,
                    force: bool | None = None) -> tuple[str, bool]:
-    """Calibrates the anomaly threshold on held-out (normal) data and publishes the next version,
-    unless this training step with these weights and this threshold's false-positive rate is
-    already published: (version folder, created). A new rate (export --threshold-fpr) is a new version.
+    """Fits the anomaly score's statistics on the training split (training.scoring), calibrates
+    the threshold on the served anomaly_score (cfg.anomaly_score) of held-out (normal) data and
+    publishes the next version, unless this training step with these weights, this score and this
+    threshold's false-positive rate is already published: (version folder, created). A new rate
+    (export --threshold-fpr) or score (--anomaly-score) is a new version.
     With cfg.probe a linear probe is fitted on the training split's codes and served as classify.
-    The compress/decompress quantization ranges are calibrated on the training split's codes."""
+    The compress/decompress quantization ranges come from the same pass over the training codes."""
     splits = source.source() if isinstance(source, data.Arrays) else source
     test = splits.test
     # float32 layers with the trained (float32) weights: the served model is float32 in and out
     # whatever --precision trained it; the threshold and verify_export use these same halves.
     encoder, decoder = precision.float32_copy(state.encoder), precision.float32_copy(state.decoder)
-    errors = held_out_errors(state, test, models.chain(encoder, decoder))
-    threshold = export.calibrate_threshold(errors, cfg.calibration_fpr)
+    kernel = scoring.gaussian_kernel()
+    train_codes, train_blurred = scoring.codes_and_blurred(encoder, decoder, splits.train, kernel)  # one pass
+    stats = scoring.fit_score_stats(train_codes, train_blurred, cfg.anomaly_score, kernel)
+    ranges = quantize.ranges_of([train_codes])
+    scores = scoring.anomaly_scores(encoder, decoder, test, stats)
+    threshold = export.calibrate_threshold(scores, cfg.calibration_fpr, stats.kind)
     print(threshold.describe(), flush=True)
     sample = next(iter(data.eval_dataset(data.limit(test, SAMPLE_IMAGES), SAMPLE_IMAGES)))[1].numpy()
     identity = {"step": int(state.step.numpy()), "weights_sha256": weights_fingerprint(state),
-                "threshold_fpr": threshold.fpr}
+                "threshold_fpr": threshold.fpr, "anomaly_score": stats.kind}
     classifier = None
     if cfg.probe:
         classifier = probe.fit_export_probe(lambda x: encoder(x, training=False), splits.train, cfg.dataset)
         print(classifier.describe(), flush=True)
         identity["probe_class_ids"] = classifier.class_ids.tolist()  # a probed export is its own version
-    ranges = quantize.calibrate(lambda x: encoder(x, training=False),
-                                (clean for _, clean in data.eval_dataset(splits.train, EVAL_BATCH)))
     return export.export_version(encoder, decoder, cfg.model_base_path, threshold, sample,
-                                 identity, cfg.force_export if force is None else force, classifier, ranges)
-
-
-def held_out_errors(state: train.TrainState, test: data.Split | np.ndarray,
-                    autoencoder: keras.Model | None = None) -> np.ndarray:
-    """Per-example reconstruction MSE on the test split (of `autoencoder`, default the state's), in batches."""
-    autoencoder = autoencoder or state.autoencoder
-    errors = [models.reconstruction_error(clean, autoencoder(clean, training=False)).numpy()
-              for clean, _ in data.eval_dataset(test, EVAL_BATCH)]
-    return np.concatenate(errors)
+                                 identity, cfg.force_export if force is None else force, classifier, ranges,
+                                 stats=stats)
 
 
 def export_job(workdir: str, model_base_path: str | None = None, force: bool = False,
-               threshold_fpr: float | None = None, with_probe: bool = False) -> tuple[str, bool]:
+               threshold_fpr: float | None = None, with_probe: bool = False,
+               anomaly_score: str | None = None) -> tuple[str, bool]:
     """Exports the latest checkpoint in `workdir` with the config it was trained with.
 
     `threshold_fpr` recalibrates the anomaly threshold to that false-positive rate on held-out
-    normal data: a new version from the same weights, without retraining. `with_probe` adds the
+    normal data: a new version from the same weights, without retraining; `anomaly_score` (mse |
+    combined) chooses the score it is on (default: the workdir's). `with_probe` adds the
     classify signatures (as training with --probe does).
     """
     paths.check(workdir, "--workdir")
@@ -156,6 +163,8 @@ def export_job(workdir: str, model_base_path: str | None = None, force: bool = F
         overrides["threshold_fpr"] = threshold_fpr
     if with_probe:
         overrides["probe"] = True
+    if anomaly_score is not None:
+        overrides["anomaly_score"] = anomaly_score
     cfg = TrainConfig.from_file(config_path, **overrides)
     if tf.train.latest_checkpoint(paths.join(workdir, "checkpoints")) is None:
         raise ConfigError(f"{workdir}/checkpoints has no checkpoint to export; train first")
