@@ -59,3 +59,17 @@ def test_conv_options_build_and_survive_the_float32_clone():
     copy = precision.float32_copy(autoencoder)
     assert any(isinstance(layer, models.QuantizationNoise) for layer in copy.layers)
     np.testing.assert_allclose(copy(x), autoencoder(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"conv_widths": "32,x"}, "--conv-widths must be positive filter counts"),
+    ({"conv_widths": "0"}, "--conv-widths must be positive filter counts"),
+    ({"latent_bound": "relu"}, "--latent-bound must be one of none, sigmoid, tanh"),
+    ({"lr_schedule": "step"}, "--lr-schedule must be one of constant, cosine"),
+    ({"residual_blocks": -1}, "--residual-blocks must be 0 or more"),
+])
+def test_bad_model_options_are_one_line(overrides, message):
+    from training.config import TrainConfig
+    with pytest.raises(ConfigError, match=message) as e:
+        TrainConfig(**overrides)
+    assert "\n" not in str(e.value)
