@@ -17,7 +17,7 @@ Measured 2026-12-02 on 2 shared cores (seed 42; "train s" is wall time under loa
   16     defaults + quantization noise, 10 epochs            69    19.21     15.86    3.35
   32     defaults (conv 32,64, linear code), 10 epochs       70    21.35     18.01    3.34
   32     + quantization noise                                77    21.39     18.01    3.38   0.911 / 0.788 (PCA 0.892 / 0.705)
-  32     + quantization noise, sigmoid-bounded code          75    20.24     18.01    2.23   worse
+  32     + quantization noise, sigmoid-bounded code          75    20.15     18.01    2.14   worse
   32     + quantization noise, cosine lr, 10 epochs          54    20.24     18.01    2.23   worse (decays too early)
   32     + quantization noise, 1 residual block             102    21.08     18.01    3.07   worse
   32     + quantization noise, widths 64,128                257    21.94     18.01    3.93   better, 3.4x the time
