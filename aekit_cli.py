@@ -42,6 +42,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="global batch size")
     p.add_argument("--learning-rate", type=float)
+    p.add_argument("--lr-schedule", help="constant | cosine (decay to 0 over the run)")
+    p.add_argument("--quantization-noise", action="store_true", default=None,
+                   help="train through uniform noise of one 8-bit step on the code (codes that survive a byte each)")
+    p.add_argument("--latent-bound", help="conv code activation: none | sigmoid | tanh")
+    p.add_argument("--conv-widths", help="conv filters per strided stage, e.g. 32,64")
+    p.add_argument("--residual-blocks", type=int, help="conv: residual blocks at the smallest resolution")
     p.add_argument("--noise-factor", type=float, help="train a denoiser: std of input noise")
     p.add_argument("--loss", help="bce | mse")
     p.add_argument("--seed", type=int)

@@ -36,3 +36,40 @@ def test_conv_rejects_shapes_it_cannot_handle(shape, message):
 def test_unknown_model():
     with pytest.raises(ConfigError, match="unknown model"):
         models.build_autoencoder("transformer", (4,), 2)
+
+
+def test_quantization_noise_is_at_most_half_a_step_and_only_in_training():
+    codes = np.stack([np.linspace(0.0, 255.0, 64), np.linspace(-1.0, 1.0, 64)], axis=1).astype(np.float32)
+    layer = models.QuantizationNoise(levels=256, seed=3)
+    np.testing.assert_array_equal(layer(codes), codes)  # inference: the identity
+    noisy = np.asarray(layer(codes, training=True))
+    steps = np.array([1.0, 2.0 / 255], np.float32)  # each column's range / 255
+    offsets = np.abs(noisy - codes) / steps
+    assert offsets.max() <= 0.5 + 1e-5 and offsets.mean() > 0.1  # really noisy, never more than half a step
+
+
+def test_conv_options_build_and_survive_the_float32_clone():
+    from training import precision
+    encoder, decoder = models.build_autoencoder("conv", (28, 28, 1), 8, widths=(16, 32), residual_blocks=1,
+                                                latent_bound="sigmoid")
+    autoencoder = models.chain(encoder, decoder, quantization_noise=True, seed=1)
+    x = np.random.default_rng(0).random((2, 28, 28, 1)).astype(np.float32)
+    codes = np.asarray(encoder(x))
+    assert codes.min() >= 0.0 and codes.max() <= 1.0  # sigmoid-bounded code
+    copy = precision.float32_copy(autoencoder)
+    assert any(isinstance(layer, models.QuantizationNoise) for layer in copy.layers)
+    np.testing.assert_allclose(copy(x), autoencoder(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"conv_widths": "32,x"}, "--conv-widths must be positive filter counts"),
+    ({"conv_widths": "0"}, "--conv-widths must be positive filter counts"),
+    ({"latent_bound": "relu"}, "--latent-bound must be one of none, sigmoid, tanh"),
+    ({"lr_schedule": "step"}, "--lr-schedule must be one of constant, cosine"),
+    ({"residual_blocks": -1}, "--residual-blocks must be 0 or more"),
+])
+def test_bad_model_options_are_one_line(overrides, message):
+    from training.config import TrainConfig
+    with pytest.raises(ConfigError, match=message) as e:
+        TrainConfig(**overrides)
+    assert "\n" not in str(e.value)

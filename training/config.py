@@ -19,6 +19,8 @@ LOSSES = ("bce", "mse")
 COLLECTIVES = ("auto", "ring", "nccl")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 ANOMALY_SCORES = ("mse", "combined")  # training.scoring.score_outputs defines both
+LATENT_BOUNDS = ("none", "sigmoid", "tanh")
+LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_LATENT_DIM = {"dense": 32, "conv": 128}
 
 
@@ -36,6 +38,11 @@ class TrainConfig:
     epochs: int = 10  # passes over the training split
     batch_size: int = 64  # GLOBAL batch: split across replicas and workers, same meaning everywhere
     learning_rate: float = 2e-3  # Adam; conv reaches test MSE < 0.005 in 10 epochs on mnist-sample
+    lr_schedule: str = "constant"  # constant | cosine (decays to 0 over all epochs' steps)
+    quantization_noise: bool = False  # train through U(-0.5, 0.5) of one 8-bit step on the code (models.QuantizationNoise)
+    latent_bound: str = "none"  # conv code activation: none (linear) | sigmoid | tanh (fixed range)
+    conv_widths: str = "32,64"  # conv filters per strided stage, comma-separated; each stage halves the image
+    residual_blocks: int = 0  # conv: residual blocks at the smallest resolution, in the encoder and the decoder
     noise_factor: float = 0.0  # std of Gaussian noise added to inputs; >0 trains a denoiser
     loss: str = "bce"  # bce (pixels in [0, 1]) | mse
     seed: int = 42  # weights, shuffling and noise
@@ -77,6 +84,11 @@ class TrainConfig:
         _check_choice("collective", self.collective, COLLECTIVES)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("anomaly-score", self.anomaly_score, ANOMALY_SCORES)
+        _check_choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("latent-bound", self.latent_bound, LATENT_BOUNDS)
+        self.widths  # noqa: B018 -- parses, so a bad --conv-widths fails before training
+        if self.residual_blocks < 0:
+            raise ConfigError(f"--residual-blocks must be 0 or more, got {self.residual_blocks}")
         self.profile_range  # noqa: B018 -- parses, so a bad --profile-steps fails before training
         _check_positive("epochs", self.epochs)
         _check_positive("batch-size", self.batch_size)
@@ -96,6 +108,21 @@ class TrainConfig:
             raise ConfigError(f"--threshold-fpr must be in (0, 0.5), got {self.threshold_fpr}")
         if self.num_logical_devices < 0:
             raise ConfigError("--num-logical-devices must be 0 (off) or a positive count")
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """--conv-widths as a tuple of positive filter counts."""
+        parts = [p.strip() for p in self.conv_widths.split(",")]
+        if not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ConfigError(f"--conv-widths must be positive filter counts separated by commas (e.g. 32,64); "
+                              f"got {self.conv_widths!r}")
+        return tuple(int(p) for p in parts)
+
+    def model_options(self) -> dict:
+        """Builder keyword arguments for models.build_autoencoder (the conv options; dense takes none)."""
+        if self.model != "conv":
+            return {}
+        return {"widths": self.widths, "residual_blocks": self.residual_blocks, "latent_bound": self.latent_bound}
 
     @property
     def profile_range(self) -> tuple[int, int] | None:

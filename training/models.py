@@ -3,8 +3,10 @@
     encoder, decoder = build_autoencoder("conv", input_shape=(28, 28, 1), latent_dim=32)
 
 `dense` is the seed blog's MLP (Flatten, 256, 128, latent 32 with ReLU, mirrored back);
-`conv` halves the image twice with strided Conv2D and doubles it back with Conv2DTranspose.
-Keeping the halves separate is what lets the export offer `encode` and `decode` on their own.
+`conv` halves the image twice with strided Conv2D and doubles it back with Conv2DTranspose
+(options: wider stages, residual blocks at the smallest resolution, a latent bounded by a sigmoid).
+`chain(..., quantization_noise=True)` trains through QuantizationNoise, so the decoder learns codes
+that survive one byte per dimension. Keeping the halves separate is what lets the export offer `encode` and `decode` on their own.
 """
 
 from __future__ import annotations
@@ -39,7 +41,46 @@ def build_dense(input_shape, latent_dim: int, widths=(256, 128)) -> tuple[keras.
     return encoder, keras.Model(code, outputs, name="decoder")
 
 
-def build_conv(input_shape, latent_dim: int, widths=(32, 64)) -> tuple[keras.Model, keras.Model]:
+LATENT_BOUNDS = {"none": None, "sigmoid": "sigmoid", "tanh": "tanh"}
+
+
+@keras.saving.register_keras_serializable(package="aekit")
+class QuantizationNoise(layers.Layer):
+    """Training only: adds U(-0.5, 0.5) of one quantization step to every code dimension.
+
+    The step is each dimension's range over the batch divided by (levels - 1), what uniform
+    quantization to `levels` levels over the training codes' min/max will cost after training:
+    the additive-noise proxy of rounding from learned image compression (Balle et al., 2017).
+    At inference (training=False) it is the identity.
+    """
+
+    def __init__(self, levels: int = 256, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.levels = levels
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, codes, training=False):
+        if not training:
+            return codes
+        spread = tf.reduce_max(codes, axis=0) - tf.reduce_min(codes, axis=0)
+        step = tf.stop_gradient(spread / (self.levels - 1))  # the range is measured, not learned through
+        noise = keras.random.uniform(tf.shape(codes), -0.5, 0.5, dtype=codes.dtype, seed=self.seed_generator)
+        return codes + noise * step
+
+    def get_config(self):
+        return {**super().get_config(), "levels": self.levels, "seed": self.seed}
+
+
+def _residual_block(x, filters: int):
+    """Two 3x3 convolutions added back to their input (He et al., 2016), at constant size."""
+    y = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+    y = layers.Conv2D(filters, 3, padding="same")(y)
+    return layers.Activation("relu")(layers.Add()([x, y]))
+
+
+def build_conv(input_shape, latent_dim: int, widths=(32, 64), residual_blocks: int = 0,
+               latent_bound: str = "none") -> tuple[keras.Model, keras.Model]:
     if len(input_shape) != 3:
         raise ConfigError(f"--model conv needs images (H, W, C); this data has shape {tuple(input_shape)}: "
                           "use --model dense for vectors")
@@ -52,14 +93,19 @@ def build_conv(input_shape, latent_dim: int, widths=(32, 64)) -> tuple[keras.Mod
     x = inputs
     for filters in widths:
         x = layers.Conv2D(filters, 3, strides=2, padding="same", activation="relu")(x)
+    for _ in range(residual_blocks):
+        x = _residual_block(x, widths[-1])
     x = layers.Flatten()(x)
-    latent = layers.Dense(latent_dim, name="latent")(x)  # linear code: ReLU would waste dimensions
+    # linear code by default: ReLU would waste dimensions; a bound fixes the range quantization sees
+    latent = layers.Dense(latent_dim, activation=LATENT_BOUNDS[latent_bound], name="latent")(x)
     encoder = keras.Model(inputs, latent, name="encoder")
 
     small = (height // factor, width // factor, widths[-1])
     code = keras.Input((latent_dim,), name="latent")
     x = layers.Dense(math.prod(small), activation="relu")(code)
     x = layers.Reshape(small)(x)
+    for _ in range(residual_blocks):
+        x = _residual_block(x, widths[-1])
     for filters in reversed(widths):
         x = layers.Conv2DTranspose(filters, 3, strides=2, padding="same", activation="relu")(x)
     outputs = layers.Conv2D(channels, 3, padding="same", activation="sigmoid", name="reconstruction",
@@ -70,11 +116,11 @@ def build_conv(input_shape, latent_dim: int, widths=(32, 64)) -> tuple[keras.Mod
 BUILDERS = {"dense": build_dense, "conv": build_conv}
 
 
-def build_autoencoder(kind: str, input_shape, latent_dim: int) -> tuple[keras.Model, keras.Model]:
-    """Returns (encoder, decoder) for `kind` in BUILDERS."""
+def build_autoencoder(kind: str, input_shape, latent_dim: int, **options) -> tuple[keras.Model, keras.Model]:
+    """Returns (encoder, decoder) for `kind` in BUILDERS; `options` go to the builder (conv only)."""
     if kind not in BUILDERS:
         raise ConfigError(f"unknown model {kind!r}; choose one of {', '.join(BUILDERS)}")
-    return BUILDERS[kind](tuple(input_shape), latent_dim)
+    return BUILDERS[kind](tuple(input_shape), latent_dim, **options)
 
 
 def reconstruction_error(images, reconstruction):
@@ -83,7 +129,12 @@ def reconstruction_error(images, reconstruction):
     return tf.reduce_mean(squared, axis=1)
 
 
-def chain(encoder: keras.Model, decoder: keras.Model) -> keras.Model:
-    """The full autoencoder (images -> reconstruction) sharing the halves' weights."""
+def chain(encoder: keras.Model, decoder: keras.Model, quantization_noise: bool = False,
+          seed: int | None = None) -> keras.Model:
+    """The full autoencoder (images -> reconstruction) sharing the halves' weights; with
+    `quantization_noise` the code passes QuantizationNoise in between (training only)."""
     inputs = keras.Input(encoder.input_shape[1:], name="images")
-    return keras.Model(inputs, decoder(encoder(inputs)), name="autoencoder")
+    codes = encoder(inputs)
+    if quantization_noise:
+        codes = QuantizationNoise(seed=seed, name="quantization_noise")(codes)
+    return keras.Model(inputs, decoder(codes), name="autoencoder")

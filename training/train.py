@@ -98,9 +98,9 @@ def build_state(cfg: TrainConfig, input_shape, strategy: tf.distribute.Strategy,
     """Models and optimizer under the strategy's scope, restored from the newest checkpoint that restores."""
     keras.utils.set_random_seed(cfg.seed)
     with strategy.scope(), precision.policy(cfg.precision):
-        encoder, decoder = models.build_autoencoder(cfg.model, input_shape, cfg.latent_dim)
-        autoencoder = models.chain(encoder, decoder)
-        optimizer = precision.make_optimizer(cfg.precision, cfg.learning_rate)
+        encoder, decoder = models.build_autoencoder(cfg.model, input_shape, cfg.latent_dim, **cfg.model_options())
+        autoencoder = models.chain(encoder, decoder, cfg.quantization_noise, cfg.seed)
+        optimizer = precision.make_optimizer(cfg.precision, learning_rate(cfg, steps_per_epoch))
         optimizer.build(autoencoder.trainable_variables)  # slots exist before restore
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         epoch_loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="epoch_loss_sum")
@@ -119,6 +119,16 @@ def build_state(cfg: TrainConfig, input_shape, strategy: tf.distribute.Strategy,
         epoch_steps.assign(steps_per_epoch)
     return TrainState(strategy, encoder, decoder, autoencoder, optimizer, step, epoch_loss_sum, checkpoint,
                       manager, chief)
+
+
+def learning_rate(cfg: TrainConfig, steps_per_epoch: int):
+    """cfg.learning_rate, or a cosine decay of it to 0 over every epoch's steps (the optimizer's
+    iteration count is checkpointed, so a resumed run continues the schedule where it stopped).
+    A schedule even without `steps_per_epoch` (export, which does not train): a float learning
+    rate is a checkpointed variable and a schedule is not, and both must restore the same checkpoint."""
+    if cfg.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(cfg.learning_rate, cfg.epochs * max(steps_per_epoch, 1))
+    return cfg.learning_rate
 
 
 def _basename(prefix: str) -> str:
