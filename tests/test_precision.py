@@ -36,11 +36,12 @@ def test_a_mixed_step_is_finite_keeps_float32_variables_and_exports_float32(tmp_
     assert created
     loaded = tf.saved_model.load(version_dir)
     for name, fn in loaded.signatures.items():
-        # every float in or out is float32; compress's codes out and decompress's codes in are uint8
+        # every float in or out is float32; compress's codes out and decompress's codes in are uint8,
+        # score's anomaly_score_kind is a string
         dtypes = {spec.dtype for spec in fn.structured_input_signature[1].values()}
         dtypes |= {t.dtype for t in fn.structured_outputs.values()}
         assert {d for d in dtypes if d.is_floating} == {tf.float32}, name
-        assert dtypes - {tf.float32} <= {tf.bool, tf.uint8}, name
+        assert dtypes - {tf.float32} <= {tf.bool, tf.uint8, tf.string}, name
 
 
 def two_replica_check(check: str, workdir) -> dict:
