@@ -197,7 +197,7 @@ def test_restarted_chief_of_a_finished_job_exports_alone(hosts, uninterrupted):
 def test_a_flap_shorter_than_the_timeout_is_survived(links_up, tmp_path, uninterrupted):
     workers = run_both(links_up, tmp_path, "flap", *flags(tmp_path, "run", "--collective-timeout-seconds", "30"))
     workers[0].wait_for("resuming at step 0")
-    _wait_for_checkpoint(tmp_path / "run")
+    _wait_for_checkpoint(tmp_path / "run", workers)
     links_up[1].link("down")
     time.sleep(12)  # under the 30 s asked for, over TensorFlow's default 10 s heartbeat timeout
     links_up[1].link("up")
@@ -209,7 +209,7 @@ def test_a_link_down_longer_than_the_timeout_fails_in_one_line_and_resumes_exact
                                                                                   uninterrupted):
     args = flags(tmp_path, "run", "--collective-timeout-seconds", "6")
     workers = run_both(links_up, tmp_path, "down", *args)
-    _wait_for_checkpoint(tmp_path / "run")
+    _wait_for_checkpoint(tmp_path / "run", workers)
     links_up[1].link("down")
     codes = [w.finish(timeout=120) for w in workers]
     links_up[1].link("up")
@@ -221,7 +221,8 @@ def test_a_link_down_longer_than_the_timeout_fails_in_one_line_and_resumes_exact
         assert "a peer worker failed or is unreachable" in line and "restart the job to resume" in line
         assert "Traceback" not in worker.output() and "Segmentation" not in worker.output()
     restarted = run_both(links_up, tmp_path, "again", *args, port=PORT + 1)
-    assert [w.finish() for w in restarted] == [0, 0], [w.output()[-2000:] for w in restarted]
+    if [w.finish() for w in restarted] != [0, 0]:
+        pytest.fail(f"the restarted job failed:\n{_outputs(restarted)}")
     assert "resuming at step 0" not in restarted[0].output()
     assert restarted[0].result()["weights_sha256"] == uninterrupted[1]["weights_sha256"]
     assert [h["epoch"] for h in json.loads((tmp_path / "run" / "history.json").read_text())] == [1]
@@ -273,8 +274,16 @@ def test_workers_with_different_checkpoints_refuse_in_one_line(hosts, tmp_path, 
     assert not (tmp_path / "w1" / "checkpoints").exists()
 
 
-def _wait_for_checkpoint(workdir: Path, timeout: float = 120) -> None:
+def _outputs(workers: list[Worker]) -> str:
+    """Each worker's exit code and whole output, untruncated (pytest.fail does not shorten it)."""
+    return "\n".join(f"--- worker {i} (exit {w.proc.returncode}):\n{w.output()}" for i, w in enumerate(workers))
+
+
+def _wait_for_checkpoint(workdir: Path, workers: list[Worker], timeout: float = 120) -> None:
+    """Until the first checkpoint; a worker that ends first, or the timeout, fails with both outputs."""
     deadline = time.monotonic() + timeout
     while not list((workdir / "checkpoints").glob("ckpt-*.index")):
-        assert time.monotonic() < deadline, "no checkpoint written"
+        ended = [w.proc.returncode for w in workers if w.proc.poll() is not None]
+        if ended or time.monotonic() > deadline:
+            pytest.fail(f"no checkpoint written (exit codes so far {ended}):\n{_outputs(workers)}")
         time.sleep(0.1)
