@@ -86,9 +86,9 @@ def calibrate_threshold(errors: np.ndarray, fpr: float, score: str = "mse") -> T
     """The threshold that flags exactly floor(fpr * n) of the n held-out normal scores (fewer on ties).
 
     `errors` are the served anomaly_score of the held-out normal examples (`score` names which).
-    An input is flagged when its score is strictly above the threshold, so the threshold is the
-    order statistic just below the top floor(fpr * n): the largest false-positive rate on the
-    calibration data that does not exceed `fpr`. np.quantile(errors, 1 - fpr) would interpolate
+    An input is flagged when its score is strictly above the threshold, so the threshold lies
+    between the order statistic just below the top floor(fpr * n) and the lowest of them: the
+    largest false-positive rate on the calibration data that does not exceed `fpr`. np.quantile(errors, 1 - fpr) would interpolate
     between two errors and flag the same examples.
     """
     errors = np.sort(np.asarray(errors, np.float64).ravel())
@@ -99,7 +99,12 @@ def calibrate_threshold(errors: np.ndarray, fpr: float, score: str = "mse") -> T
     flagged = int(math.floor(fpr * len(errors) + 1e-9))  # 1e-9: 0.01 * 1000 is 9.999... in floats
     if flagged >= len(errors):
         flagged = len(errors) - 1
-    return Threshold(float(errors[len(errors) - flagged - 1]), fpr, len(errors), score)
+    kept = errors[len(errors) - flagged - 1]  # the highest score that must not be flagged
+    # Halfway to the lowest flagged score (or a hair above the top one), never ON a calibration
+    # score: the served graph recomputes scores with float32 rounding that differs from the eager
+    # calibration in the last bits, and a threshold equal to one example's score flipped it.
+    above = errors[len(errors) - flagged] if flagged else kept + 1e-6 * max(abs(kept), 1e-6)
+    return Threshold(float((kept + above) / 2), fpr, len(errors), score)
 
 
 def build_archive(encoder: keras.Model, decoder: keras.Model, threshold: Threshold,
