@@ -94,8 +94,7 @@ def small_images(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _export(encoder, decoder, source, base, force=False):
-    ranges = quantize.calibrate(lambda x: encoder(x, training=False),
-                                (clean for _, clean in data.eval_dataset(source.train, 64)))
+    ranges = quantize.ranges_of(encoder(clean, training=False) for _, clean in data.eval_dataset(source.train, 64))
     sample = next(iter(data.eval_dataset(source.test, 8)))[1].numpy()
     threshold = export.calibrate_threshold(np.linspace(0.0, 1.0, 50), 0.1)
     stats = scoring.fit_on_split(encoder, decoder, source.train, "mse")

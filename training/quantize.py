@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import keras
 import numpy as np
@@ -45,11 +45,6 @@ def ranges_of(codes: Iterable[np.ndarray]) -> Ranges:
     if low is None:
         raise ValueError("cannot calibrate quantization ranges on no codes")
     return Ranges(low.astype(np.float32), np.maximum(high, low + MIN_SPAN).astype(np.float32))
-
-
-def calibrate(encode: Callable, batches: Iterable) -> Ranges:
-    """Ranges of `encode(images)` over image batches (e.g. the training split)."""
-    return ranges_of(np.asarray(encode(images)) for images in batches)
 
 
 def quantize(latent: tf.Tensor, low: tf.Tensor, high: tf.Tensor) -> tf.Tensor:
