@@ -124,6 +124,24 @@ def test_scale_and_noise_eager_and_in_tf_data():
     np.testing.assert_array_equal(skipped.numpy(), second.numpy())
 
 
+
+def test_noise_drawn_in_the_step_equals_the_pipelines_on_every_replica():
+    """The trainer's batches (rows as stored + noise keys, noise drawn by data.add_noise on each
+    replica) give exactly the noisy rows the pipeline itself makes, however the batch is split."""
+    x = np.random.default_rng(0).integers(0, 256, (64, 4, 4, 1), dtype=np.uint8)
+    made_here = next(iter(data.make_dataset(x, 16, noise_factor=0.3, seed=5)))
+    keys, stored = next(iter(data.make_dataset(x, 16, noise_factor=0.3, seed=5, noise_in_step=True)))
+    assert stored.dtype == tf.uint8 and keys.shape == (16, 3)  # 1 byte per pixel to the device
+    for a, b in zip(data.add_noise(keys, stored, 0.3), made_here):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    parts = []
+    for pipeline in range(2):  # 2 workers x 2 replicas: each replica's quarter of the global batch
+        context = tf.distribute.InputContext(2, pipeline, 4)
+        for keys, stored in data.make_dataset(x, 16, noise_factor=0.3, seed=5, input_context=context,
+                                              noise_in_step=True).take(2):
+            parts.append(data.add_noise(keys, stored, 0.3)[0].numpy())
+    np.testing.assert_array_equal(np.concatenate(parts), made_here[0].numpy())
+
 def test_gaussian_noise_is_standard_normal_and_seeded():
     seed = tf.constant([3, 1], tf.int64)
     z = data.gaussian_noise(tf.constant([101, 999]), seed).numpy()  # odd count: one pair half used

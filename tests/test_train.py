@@ -32,9 +32,10 @@ def mirrored() -> tf.distribute.Strategy:
 
 def one_step_weights(cfg, arrays, strategy):
     state = train.build_state(cfg, arrays.input_shape, strategy)
-    step = train.make_train_step(state, cfg.loss, cfg.batch_size)
+    step = train.make_train_step(state, cfg.loss, cfg.batch_size, cfg.noise_factor)
     dataset = strategy.distribute_datasets_from_function(
-        lambda ctx: data.make_dataset(arrays.x_train, cfg.batch_size, seed=cfg.seed, input_context=ctx))
+        lambda ctx: data.make_dataset(arrays.x_train, cfg.batch_size, noise_factor=cfg.noise_factor, seed=cfg.seed,
+                                      input_context=ctx, noise_in_step=True))
     initial = [v.numpy() for v in state.autoencoder.trainable_variables]
     step(iter(dataset), tf.constant(0.0), tf.constant(1))
     return initial, [v.numpy() for v in state.autoencoder.trainable_variables]
@@ -42,7 +43,9 @@ def one_step_weights(cfg, arrays, strategy):
 
 def test_one_step_on_two_devices_equals_one_device(tmp_path, small_arrays):
     assert len(tf.config.list_logical_devices("CPU")) >= 2  # set up by conftest before TF started
-    cfg = cfg_for(tmp_path, learning_rate=1e-2)
+    # with noise: each replica draws its rows' noise in the step (data.add_noise), and must draw
+    # exactly the values one device draws for those rows of the global batch
+    cfg = cfg_for(tmp_path, learning_rate=1e-2, noise_factor=0.3)
     init_one, after_one = one_step_weights(cfg, small_arrays, tf.distribute.get_strategy())
     init_two, after_two = one_step_weights(cfg, small_arrays, mirrored())
     for a, b in zip(init_one, init_two):

@@ -5,7 +5,9 @@ Sources are read by training/sources.py; this module only turns a split into tf.
   in memory (mnist-sample, npz, .npy, images)   a generator yields each batch's uint8/float rows
   files (tfrecord:, tfds:)                       shard by file, interleave, shuffle buffer, batch
 
-then, per batch and never per example: parse/decode, scale to [0, 1], add noise, prefetch.
+then, per batch and never per example: parse/decode, scale to [0, 1], add noise, prefetch. The
+trainer asks for the rows as stored with their noise keys instead, and scales and draws the noise
+in its step, on the accelerator (`noise_in_step`, `add_noise`).
 No path puts the data in the graph: a numpy array handed to from_tensor_slices or tf.constant
 is embedded in the GraphDef as a constant (a copy per pipeline, and a hard 2 GB limit), while a
 generator keeps one copy in this process and the graph holds only a call into it.
@@ -18,6 +20,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from storage import paths
 from training import records
 from training.sources import (  # noqa: F401 - the readers' names, re-exported for callers of this module
     SPLIT_SEED,
@@ -44,8 +47,13 @@ def scale_to_unit(x: tf.Tensor) -> tf.Tensor:
 
 def make_dataset(split: Split | np.ndarray, batch_size: int, *, noise_factor: float = 0.0, seed: int = 0,
                  training: bool = True, input_context: tf.distribute.InputContext | None = None,
-                 skip_batches: int = 0, input_groups: int = 0) -> tf.data.Dataset:
+                 skip_batches: int = 0, input_groups: int = 0, noise_in_step: bool = False) -> tf.data.Dataset:
     """Batches of (noisy, clean) float32 pairs for one input pipeline.
+
+    With `noise_in_step` (the trainer) batches are (keys, rows as stored, e.g. uint8) and the
+    train step calls `add_noise(keys, rows, noise_factor)` on its device: the same values, but the
+    noise is drawn by the accelerator, and the host ships 1 byte per pixel instead of 8 (noisy and
+    clean float32). Drawing noise took half the pipeline's time here (benchmarks/bench_training.py).
 
     `batch_size` is the GLOBAL batch. With an `input_context` (from the strategy) this pipeline
     feeds only its rows of each global batch, split into per-replica batches, so one function
@@ -68,11 +76,10 @@ def make_dataset(split: Split | np.ndarray, batch_size: int, *, noise_factor: fl
         ds = _file_batches(split, batch_size, seed, training, input_context, input_groups, skip_batches)
 
     def finish(i, batch):
-        clean = scale_to_unit(batch)
-        if noise_factor <= 0:
-            return clean, clean
-        noise = gaussian_noise(tf.shape(clean), tf.stack([tf.cast(seed, tf.int64), i]), first_row=start)
-        return tf.clip_by_value(clean + noise_factor * noise, 0.0, 1.0), clean
+        # one map per batch for parsing, keys and noise: each tf.data stage costs a thread handoff
+        stored = batch if split.in_memory else records.parse_batch(batch, split.fmt)
+        keys = noise_keys(seed, i, start, tf.shape(stored)[0])
+        return (keys, stored) if noise_in_step else add_noise(keys, stored, noise_factor)
 
     ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
     if per_replica != rows:
@@ -104,6 +111,23 @@ def labelled_batches(split: Split, batch_size: int):
         return
     for serialized in tf.data.TFRecordDataset(list(split.files)).batch(batch_size):
         yield scale_to_unit(records.parse_batch(serialized, split.fmt)), records.parse_labels(serialized).numpy()
+
+
+def noise_keys(seed: int, batch_index: tf.Tensor, first_row: int, rows: tf.Tensor) -> tf.Tensor:
+    """[rows, 3] int64: (seed, batch index, row of the GLOBAL batch) per row. Carried with the rows,
+    so after any split into per-replica batches the first row's key names that part's noise."""
+    rows = tf.cast(rows, tf.int64)
+    head = tf.tile(tf.stack([tf.cast(seed, tf.int64), tf.cast(batch_index, tf.int64)])[None], [rows, 1])
+    return tf.concat([head, (tf.cast(first_row, tf.int64) + tf.range(rows))[:, None]], axis=1)
+
+
+def add_noise(keys: tf.Tensor, stored: tf.Tensor, noise_factor: float) -> tuple[tf.Tensor, tf.Tensor]:
+    """(noisy, clean) float32 in [0, 1] from rows as stored and their `noise_keys`."""
+    clean = scale_to_unit(stored)
+    if noise_factor <= 0:
+        return clean, clean
+    noise = gaussian_noise(tf.shape(clean), keys[0, :2], first_row=keys[0, 2])
+    return tf.clip_by_value(clean + noise_factor * noise, 0.0, 1.0), clean
 
 
 def gaussian_noise(shape: tf.Tensor, seed: tf.Tensor, first_row: int | tf.Tensor = 0) -> tf.Tensor:
@@ -153,7 +177,7 @@ def _memory_batches(x: np.ndarray, batch_size: int, seed: int, training: bool, s
 
 def _file_batches(split: Split, batch_size: int, seed: int, training: bool,
                   context: tf.distribute.InputContext | None, input_groups: int, skip: int) -> tf.data.Dataset:
-    """(batch index, decoded rows) of this pipeline, from its groups of files."""
+    """(batch index, serialized records) of this pipeline, from its groups of files."""
     pipelines = context.num_input_pipelines if context else 1
     pipeline = context.input_pipeline_id if context else 0
     groups = input_groups or pipelines
@@ -163,9 +187,7 @@ def _file_batches(split: Split, batch_size: int, seed: int, training: bool,
     mine = range(pipeline * groups // pipelines, (pipeline + 1) * groups // pipelines)
     streams = [_group_records(split, g, groups, batch_size // groups, seed, training) for g in mine]
     ds = tf.data.Dataset.zip(tuple(streams)).map(lambda *parts: tf.concat(parts, axis=0))
-    ds = ds.enumerate().skip(skip)  # skips serialized records: nothing decoded for skipped batches
-    return ds.map(lambda i, serialized: (i, records.parse_batch(serialized, split.fmt)),
-                  num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.enumerate().skip(skip)  # skips serialized records: nothing decoded for skipped batches
 
 
 def _group_records(split: Split, group: int, groups: int, rows: int, seed: int, training: bool) -> tf.data.Dataset:
@@ -182,13 +204,21 @@ def _group_records(split: Split, group: int, groups: int, rows: int, seed: int, 
                                                output_signature=tf.TensorSpec([], tf.string))
     else:
         files = tf.data.Dataset.from_tensor_slices(names)
+    parallel = _parallel_reads(names)
     ds = files.interleave(lambda f: tf.data.TFRecordDataset(f, buffer_size=1 << 20), cycle_length=CYCLE_LENGTH,
-                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                          num_parallel_calls=parallel, deterministic=True if parallel else None)
     if not by_file:
         ds = ds.shard(groups, group)
     if training:
         ds = ds.shuffle(SHUFFLE_BUFFER, seed=seed * 7919 + group, reshuffle_each_iteration=False)
     return ds.batch(rows, drop_remainder=training)
+
+
+def _parallel_reads(names: list[str]) -> int | None:
+    """Object stores: files read in parallel, to hide each read's latency. Local files: read in
+    turn, which delivers ~1.3x the records per second here (a parallel interleave hands every
+    record between threads; benchmarks/bench_training.py, input_pipeline_from_shards)."""
+    return None if all(paths.is_local(n) for n in names) else tf.data.AUTOTUNE
 
 
 def _shuffled_forever(names: list[str], seed: list[int]):

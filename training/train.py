@@ -210,17 +210,18 @@ def save_checkpoint(state: TrainState) -> None:
         paths.remove_tree(state.manager.directory)
 
 
-def make_train_step(state: TrainState, loss_kind: str, global_batch: int):
+def make_train_step(state: TrainState, loss_kind: str, global_batch: int, noise_factor: float = 0.0):
     """A tf.function running `num_steps` synchronous steps on every replica.
 
-    Returns (mean loss, stop votes). Several steps per call keep Python off the hot path
-    (like Keras' steps_per_execution); the loop stays inside one graph on every strategy.
+    It reads batches of data.make_dataset(..., noise_in_step=True) and draws their noise on the
+    replica's device. Returns (mean loss, stop votes). Several steps per call keep Python off the
+    hot path (like Keras' steps_per_execution); the loop stays inside one graph on every strategy.
     """
     strategy, autoencoder, optimizer = state.strategy, state.autoencoder, state.optimizer
     scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
     def replica_step(batch):
-        noisy, clean = batch
+        noisy, clean = data.add_noise(*batch, noise_factor)
         with tf.GradientTape() as tape:
             reconstruction = autoencoder(noisy, training=True)
             loss = tf.nn.compute_average_loss(per_example_loss(clean, tf.cast(reconstruction, tf.float32), loss_kind),
@@ -339,7 +340,7 @@ def _train_epochs(cfg: TrainConfig, state: TrainState, source: data.Source, trai
     strategy = state.strategy
     if state.is_chief:
         cfg.save(cfg.workdir)
-    train_step = make_train_step(state, cfg.loss, cfg.batch_size)
+    train_step = make_train_step(state, cfg.loss, cfg.batch_size, cfg.noise_factor)
     # Records past the restored step came from a checkpoint that did not restore: they are redone.
     history = [h for h in _read_history(cfg.workdir) if h["step"] <= int(state.step.numpy())]
     logdir = paths.join(cfg.workdir, "tensorboard")
@@ -389,7 +390,7 @@ def _run_epoch(cfg, state: TrainState, train_steps, train_split: data.Split, epo
     dataset = state.strategy.distribute_datasets_from_function(
         lambda ctx: data.make_dataset(train_split, cfg.batch_size, noise_factor=cfg.noise_factor,
                                       seed=cfg.seed + epoch, input_context=ctx, skip_batches=done,
-                                      input_groups=cfg.input_groups))
+                                      input_groups=cfg.input_groups, noise_in_step=True))
     iterator = iter(dataset)
     if done == 0:
         state.epoch_loss_sum.assign(0.0)
