@@ -1,7 +1,9 @@
 """Codes at one byte per dimension: quantized PSNR and linear-probe accuracy, with PCA beside them.
 
-    python -m benchmarks.bench_codes --latent 16,32,64,128 --epochs 10 [--quantization-noise]
+    python -m benchmarks.bench_codes --latent 16,32,64,128 --preset compression --no-probe
+    python -m benchmarks.bench_codes --latent 32 --epochs 10 [--quantization-noise] [--loss mse]
         [--latent-bound sigmoid] [--conv-widths 32,64] [--residual-blocks 1] [--lr-schedule cosine]
+        [--decoder-widths 64,128] [--refine-convs 1] [--linear-skip none|decoder|both]
     # -> a table: per latent size, float and 8-bit PSNR of the model and of PCA at the same bytes,
     #    and held-out accuracy of the linear probe (all labels, 10 per class) on codes and on PCA
 
@@ -45,7 +47,7 @@ import time
 import numpy as np
 
 from training import data, probe, train
-from training.config import TrainConfig
+from training.config import PRESETS, TrainConfig, preset_settings
 from training.evaluate import psnr_db
 
 LEVELS = 256  # one byte per latent dimension
@@ -99,12 +101,14 @@ def probe_accuracies(train_x, train_y, test_x, test_y) -> tuple[float, float]:
     return result["linear_probe_accuracy"], result[f"linear_probe_accuracy_{probe.FEW_LABELS}_per_class"]
 
 
-def run(latents: list[int], cfg_fields: dict, with_probe: bool = True) -> list[dict]:
+def run(latents: list[int], cfg_fields: dict, with_probe: bool = True, preset: str = "") -> list[dict]:
+    """One row per latent size; `cfg_fields` override `preset`'s settings for that size."""
     source = data.load_source("mnist-sample")
     rows = []
     for latent in latents:
+        fields = {**(preset_settings(preset, latent) if preset else {}), **cfg_fields, "latent_dim": latent}
         with tempfile.TemporaryDirectory() as workdir:
-            cfg = TrainConfig(latent_dim=latent, workdir=workdir, export=False, **cfg_fields)
+            cfg = TrainConfig(workdir=workdir, export=False, **fields)
             ours = model_row(cfg, source)
         pca = pca_row(ours["train"].pixels, ours["test"].pixels, latent)
         row = {"latent": latent, "seconds": round(ours["seconds"], 1), "cpu_seconds": round(ours["cpu_seconds"]),
@@ -138,16 +142,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--latent", default="16,32,64,128", help="code sizes (= bytes per image), comma-separated")
     parser.add_argument("--no-probe", action="store_true", help="skip the linear probe (faster)")
+    parser.add_argument("--preset", choices=PRESETS, help="start from training/config.py's settings per size")
     defaults = TrainConfig()
     for name in ("model", "epochs", "batch_size", "learning_rate", "lr_schedule", "latent_bound", "conv_widths",
                  "residual_blocks", "decoder_widths", "refine_convs", "linear_skip", "noise_factor", "loss", "seed"):
-        value = getattr(defaults, name)
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    parser.add_argument("--quantization-noise", action="store_true", default=defaults.quantization_noise)
+        # None: only the flags given override the preset and TrainConfig's defaults
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(getattr(defaults, name)))
+    parser.add_argument("--quantization-noise", action="store_true", default=None)
     args = parser.parse_args()
-    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    options = ", ".join(f"{k}={v}" for k, v in fields.items())
-    rows = run([int(v) for v in args.latent.split(",")], fields, not args.no_probe)
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+              if getattr(args, f.name, None) is not None}
+    options = ", ".join([f"preset={args.preset}"] * bool(args.preset) + [f"{k}={v}" for k, v in fields.items()])
+    rows = run([int(v) for v in args.latent.split(",")], fields, not args.no_probe, args.preset or "")
     print(format_table(rows, options))
 
 

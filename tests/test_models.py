@@ -131,3 +131,19 @@ def test_compression_decoder_exports_and_passes_verify_export(tmp_path):
     x = data.scale_to_unit(tf.constant(arrays.x_test[:3])).numpy()
     np.testing.assert_allclose(loaded.signatures["denoise"](images=x)["reconstruction"].numpy(),
                                state.autoencoder(x, training=False).numpy(), atol=1e-5)
+
+
+def test_the_compression_preset_is_the_measured_settings_under_the_flags_given():
+    import aekit_cli
+    from training.config import COMPRESSION_SETTINGS, TrainConfig, preset_settings
+    parse = aekit_cli.build_parser().parse_args
+    cfg = aekit_cli.train_config_from_args(parse(["train", "--preset", "compression", "--latent-dim", "128"]))
+    assert cfg.latent_dim == 128 and cfg.model == "conv"
+    assert {k: getattr(cfg, k) for k in COMPRESSION_SETTINGS[128]} == COMPRESSION_SETTINGS[128]
+    flagged = aekit_cli.train_config_from_args(parse(["train", "--preset", "compression", "--epochs", "2"]))
+    assert flagged.epochs == 2 and flagged.latent_dim == 32  # a flag wins; 32 bytes without --latent-dim
+    assert flagged.linear_skip == COMPRESSION_SETTINGS[32]["linear_skip"]
+    assert TrainConfig().linear_skip == "none" and TrainConfig().loss == "bce"  # the defaults are untouched
+    assert preset_settings("compression", 100) == {**COMPRESSION_SETTINGS[128], "model": "conv", "latent_dim": 100}
+    with pytest.raises(ConfigError, match="--preset must be one of compression; got 'fast'"):
+        preset_settings("fast", 32)

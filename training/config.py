@@ -29,11 +29,10 @@ DEFAULT_LATENT_DIM = {"dense": 32, "conv": 128}
 # dimension), chosen by measurement in benchmarks/bench_codes.py (held-out mnist-sample, table in
 # its docstring). `aekit train --preset compression --latent-dim N` and the rate-distortion
 # benchmark train with these; the defaults above stay what the demo's denoiser and anomaly use.
-COMPRESSION_SETTINGS: dict[int, dict] = {
-    latent: {"loss": "mse", "batch_size": 16, "learning_rate": 1e-3, "lr_schedule": "cosine", "epochs": 30,
-             "decoder_widths": "64,128", "refine_convs": 1, "linear_skip": "both"}
-    for latent in (16, 32, 64, 128)
-}
+_COMPRESSION_BASE = {"loss": "mse", "batch_size": 16, "learning_rate": 1e-3, "lr_schedule": "cosine",
+                     "refine_convs": 1, "linear_skip": "decoder"}
+COMPRESSION_SETTINGS: dict[int, dict] = {latent: {**_COMPRESSION_BASE, "epochs": epochs}
+                                         for latent, epochs in ((16, 30), (32, 40), (64, 30), (128, 40))}
 PRESETS = ("compression",)
 DEFAULT_PRESET_LATENT = 32  # --preset compression without --latent-dim: the 32-byte code of the bars
 
