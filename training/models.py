@@ -4,7 +4,8 @@
 
 `dense` is the seed blog's MLP (Flatten, 256, 128, latent 32 with ReLU, mirrored back);
 `conv` halves the image twice with strided Conv2D and doubles it back with Conv2DTranspose
-(options: wider stages, residual blocks at the smallest resolution, a latent bounded by a sigmoid).
+(options: wider stages, residual blocks at the smallest resolution, a latent bounded by a sigmoid;
+for compression a wider decoder, stride-1 refinement at full resolution and a linear code<->pixel skip).
 `chain(..., quantization_noise=True)` trains through QuantizationNoise, so the decoder learns codes
 that survive one byte per dimension. Keeping the halves separate is what lets the export offer `encode` and `decode` on their own.
 """
