@@ -32,7 +32,7 @@ DEFAULT_LATENT_DIM = {"dense": 32, "conv": 128}
 _COMPRESSION_BASE = {"loss": "mse", "batch_size": 16, "learning_rate": 1e-3, "lr_schedule": "cosine",
                      "refine_convs": 1, "linear_skip": "decoder"}
 COMPRESSION_SETTINGS: dict[int, dict] = {latent: {**_COMPRESSION_BASE, "epochs": epochs}
-                                         for latent, epochs in ((16, 30), (32, 40), (64, 30), (128, 40))}
+                                         for latent, epochs in ((16, 30), (32, 40), (64, 30), (128, 50))}
 PRESETS = ("compression",)
 DEFAULT_PRESET_LATENT = 32  # --preset compression without --latent-dim: the 32-byte code of the bars
 
