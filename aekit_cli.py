@@ -33,6 +33,8 @@ class UserError(Exception):
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     # default=None everywhere: only flags the user gave override --config and the config defaults.
     p.add_argument("--config", help="JSON config file (as written to WORKDIR/config.json)")
+    p.add_argument("--preset", help="compression: the measured settings for --latent-dim (default 32) as a "
+                                    "compression model (training/config.py COMPRESSION_SETTINGS); flags win")
     p.add_argument("--dataset", help="mnist-sample | npz:PATH | DIR of images | PATH.npy | tfrecord:DIR_OR_GLOB "
                                      "| tfds:NAME (paths local, gs:// or ram://)")
     p.add_argument("--data-dir", help="tensorflow-datasets data_dir")
@@ -48,6 +50,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latent-bound", help="conv code activation: none | sigmoid | tanh")
     p.add_argument("--conv-widths", help="conv filters per strided stage, e.g. 32,64")
     p.add_argument("--residual-blocks", type=int, help="conv: residual blocks at the smallest resolution")
+    p.add_argument("--decoder-widths", help="conv decoder filters per stage, e.g. 64,128 (default: --conv-widths)")
+    p.add_argument("--refine-convs", type=int, help="conv: stride-1 convolutions at full resolution before the output")
+    p.add_argument("--linear-skip", help="conv: none | decoder (code->pixels beside the convolutions) | both "
+                                         "(also pixels->code)")
     p.add_argument("--noise-factor", type=float, help="train a denoiser: std of input noise")
     p.add_argument("--loss", help="bce | mse")
     p.add_argument("--seed", type=int)
@@ -89,14 +95,16 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker-port", type=int, default=2222, help="with --indexed-job: collective port")
 
 
-TRAIN_ONLY_FLAGS = {"config", "multiworker_local", "indexed_job", "num_workers", "worker_host_pattern",
+TRAIN_ONLY_FLAGS = {"config", "preset", "multiworker_local", "indexed_job", "num_workers", "worker_host_pattern",
                     "worker_port", "func", "command"}
 
 
 def train_config_from_args(args: argparse.Namespace):
-    from training.config import TrainConfig
+    from training.config import TrainConfig, preset_settings
 
     overrides = {k: v for k, v in vars(args).items() if v is not None and k not in TRAIN_ONLY_FLAGS}
+    if args.preset:  # the preset over --config and the defaults, the flags given over the preset
+        overrides = {**preset_settings(args.preset, args.latent_dim or 0), **overrides}
     if args.config:
         return TrainConfig.from_file(args.config, **overrides)
     return TrainConfig(**overrides)

@@ -73,3 +73,77 @@ def test_bad_model_options_are_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message) as e:
         TrainConfig(**overrides)
     assert "\n" not in str(e.value)
+
+
+def test_compression_decoder_options_build_with_the_configured_shapes():
+    encoder, decoder = models.build_autoencoder("conv", (28, 28, 1), 8, widths=(16, 32), decoder_widths=(24, 48),
+                                                refine_convs=2, linear_skip="both")
+    x = np.random.default_rng(0).random((3, 28, 28, 1)).astype(np.float32)
+    reconstruction = np.asarray(decoder(encoder(x)))
+    assert reconstruction.shape == (3, 28, 28, 1)
+    assert reconstruction.min() >= 0.0 and reconstruction.max() <= 1.0
+    filters = [layer.filters for layer in decoder.layers if hasattr(layer, "filters")]
+    assert filters == [48, 24, 24, 24, 1]  # stages 48 then 24 (widest at 7x7), two refinements, the output
+    projection = next(layer for layer in decoder.layers if hasattr(layer, "units"))
+    assert projection.units == 7 * 7 * 48  # the Dense->7x7 projection has the last decoder width
+
+
+def test_linear_skip_is_a_linear_map_of_the_code_inside_the_sigmoid():
+    _, decoder = models.build_autoencoder("conv", (8, 8, 1), 5, widths=(4, 4), linear_skip="decoder")
+    output_conv = [layer for layer in decoder.layers if hasattr(layer, "filters")][-1]
+    output_conv.set_weights([np.zeros_like(w) for w in output_conv.get_weights()])  # silence the conv path
+    skip = decoder.get_layer("linear_skip")
+    rng = np.random.default_rng(1)
+    kernel, bias = rng.normal(size=(5, 64)).astype(np.float32), rng.normal(size=64).astype(np.float32)
+    skip.set_weights([kernel, bias])
+    codes = rng.normal(size=(4, 5)).astype(np.float32)
+    expected = 1.0 / (1.0 + np.exp(-(codes @ kernel + bias)))
+    np.testing.assert_allclose(np.asarray(decoder(codes)).reshape(4, 64), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"decoder_widths": "32"}, "--decoder-widths needs one filter count per strided stage"),
+    ({"decoder_widths": "32,x"}, "--decoder-widths must be positive filter counts"),
+    ({"refine_convs": -1}, "--refine-convs must be 0 or more"),
+    ({"linear_skip": "yes"}, "--linear-skip must be one of none, decoder, both"),
+])
+def test_bad_decoder_options_are_one_line(overrides, message):
+    from training.config import TrainConfig
+    with pytest.raises(ConfigError, match=message) as e:
+        TrainConfig(**overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_compression_decoder_exports_and_passes_verify_export(tmp_path):
+    import tensorflow as tf
+
+    from training import data, jobs, train
+    from training.config import TrainConfig
+    arrays = data.load_arrays("mnist-sample")
+    arrays = data.Arrays(arrays.x_train[:128], arrays.y_train[:128], arrays.x_test[:64], arrays.y_test[:64])
+    cfg = TrainConfig(latent_dim=8, epochs=1, batch_size=64, conv_widths="8,16", decoder_widths="16,32",
+                      refine_convs=1, linear_skip="both", loss="mse", workdir=str(tmp_path / "run"),
+                      model_base_path=str(tmp_path / "models"), export=False)
+    state, _ = train.train_and_evaluate(cfg, arrays, tf.distribute.get_strategy())
+    version_dir, created = jobs.export_trained(state, cfg, arrays)  # export_trained runs verify_export
+    assert created
+    loaded = tf.saved_model.load(version_dir)
+    x = data.scale_to_unit(tf.constant(arrays.x_test[:3])).numpy()
+    np.testing.assert_allclose(loaded.signatures["denoise"](images=x)["reconstruction"].numpy(),
+                               state.autoencoder(x, training=False).numpy(), atol=1e-5)
+
+
+def test_the_compression_preset_is_the_measured_settings_under_the_flags_given():
+    import aekit_cli
+    from training.config import COMPRESSION_SETTINGS, TrainConfig, preset_settings
+    parse = aekit_cli.build_parser().parse_args
+    cfg = aekit_cli.train_config_from_args(parse(["train", "--preset", "compression", "--latent-dim", "128"]))
+    assert cfg.latent_dim == 128 and cfg.model == "conv"
+    assert {k: getattr(cfg, k) for k in COMPRESSION_SETTINGS[128]} == COMPRESSION_SETTINGS[128]
+    flagged = aekit_cli.train_config_from_args(parse(["train", "--preset", "compression", "--epochs", "2"]))
+    assert flagged.epochs == 2 and flagged.latent_dim == 32  # a flag wins; 32 bytes without --latent-dim
+    assert flagged.linear_skip == COMPRESSION_SETTINGS[32]["linear_skip"]
+    assert TrainConfig().linear_skip == "none" and TrainConfig().loss == "bce"  # the defaults are untouched
+    assert preset_settings("compression", 100) == {**COMPRESSION_SETTINGS[128], "model": "conv", "latent_dim": 100}
+    with pytest.raises(ConfigError, match="--preset must be one of compression; got 'fast'"):
+        preset_settings("fast", 32)

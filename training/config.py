@@ -21,7 +21,20 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 ANOMALY_SCORES = ("mse", "combined")  # training.scoring.score_outputs defines both
 LATENT_BOUNDS = ("none", "sigmoid", "tanh")
 LR_SCHEDULES = ("constant", "cosine")
+LINEAR_SKIPS = ("none", "decoder", "both")
 DEFAULT_LATENT_DIM = {"dense": 32, "conv": 128}
+
+
+# Compression (issue 18): TrainConfig fields per code size (bytes per image at one byte per
+# dimension), chosen by measurement in benchmarks/bench_codes.py (held-out mnist-sample, table in
+# its docstring). `aekit train --preset compression --latent-dim N` and the rate-distortion
+# benchmark train with these; the defaults above stay what the demo's denoiser and anomaly use.
+_COMPRESSION_BASE = {"loss": "mse", "batch_size": 16, "learning_rate": 1e-3, "lr_schedule": "cosine",
+                     "refine_convs": 1, "linear_skip": "decoder"}
+COMPRESSION_SETTINGS: dict[int, dict] = {latent: {**_COMPRESSION_BASE, "epochs": epochs}
+                                         for latent, epochs in ((16, 30), (32, 40), (64, 30), (128, 50))}
+PRESETS = ("compression",)
+DEFAULT_PRESET_LATENT = 32  # --preset compression without --latent-dim: the 32-byte code of the bars
 
 
 class ConfigError(ValueError):
@@ -43,6 +56,9 @@ class TrainConfig:
     latent_bound: str = "none"  # conv code activation: none (linear) | sigmoid | tanh (fixed range)
     conv_widths: str = "32,64"  # conv filters per strided stage, comma-separated; each stage halves the image
     residual_blocks: int = 0  # conv: residual blocks at the smallest resolution, in the encoder and the decoder
+    decoder_widths: str = ""  # conv decoder filters per stage (the last also the Dense->small projection's); "" = conv_widths
+    refine_convs: int = 0  # conv: stride-1 3x3 convolutions at full resolution before the decoder's output
+    linear_skip: str = "none"  # conv: none | decoder (Dense code->pixels added to the output logits) | both (also pixels->code)
     noise_factor: float = 0.0  # std of Gaussian noise added to inputs; >0 trains a denoiser
     loss: str = "bce"  # bce (pixels in [0, 1]) | mse
     seed: int = 42  # weights, shuffling and noise
@@ -86,7 +102,11 @@ class TrainConfig:
         _check_choice("anomaly-score", self.anomaly_score, ANOMALY_SCORES)
         _check_choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("latent-bound", self.latent_bound, LATENT_BOUNDS)
+        _check_choice("linear-skip", self.linear_skip, LINEAR_SKIPS)
         self.widths  # noqa: B018 -- parses, so a bad --conv-widths fails before training
+        self.decoder_stage_widths  # noqa: B018 -- likewise --decoder-widths
+        if self.refine_convs < 0:
+            raise ConfigError(f"--refine-convs must be 0 or more, got {self.refine_convs}")
         if self.residual_blocks < 0:
             raise ConfigError(f"--residual-blocks must be 0 or more, got {self.residual_blocks}")
         self.profile_range  # noqa: B018 -- parses, so a bad --profile-steps fails before training
@@ -112,17 +132,26 @@ class TrainConfig:
     @property
     def widths(self) -> tuple[int, ...]:
         """--conv-widths as a tuple of positive filter counts."""
-        parts = [p.strip() for p in self.conv_widths.split(",")]
-        if not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ConfigError(f"--conv-widths must be positive filter counts separated by commas (e.g. 32,64); "
-                              f"got {self.conv_widths!r}")
-        return tuple(int(p) for p in parts)
+        return _filter_counts("conv-widths", self.conv_widths)
+
+    @property
+    def decoder_stage_widths(self) -> tuple[int, ...] | None:
+        """--decoder-widths as a tuple of positive filter counts, or None (= --conv-widths)."""
+        if not self.decoder_widths:
+            return None
+        counts = _filter_counts("decoder-widths", self.decoder_widths)
+        if len(counts) != len(self.widths):
+            raise ConfigError(f"--decoder-widths needs one filter count per strided stage ({len(self.widths)}, "
+                              f"as --conv-widths {self.conv_widths}); got {self.decoder_widths!r}")
+        return counts
 
     def model_options(self) -> dict:
         """Builder keyword arguments for models.build_autoencoder (the conv options; dense takes none)."""
         if self.model != "conv":
             return {}
-        return {"widths": self.widths, "residual_blocks": self.residual_blocks, "latent_bound": self.latent_bound}
+        return {"widths": self.widths, "residual_blocks": self.residual_blocks, "latent_bound": self.latent_bound,
+                "decoder_widths": self.decoder_stage_widths, "refine_convs": self.refine_convs,
+                "linear_skip": self.linear_skip}
 
     @property
     def profile_range(self) -> tuple[int, int] | None:
@@ -179,6 +208,22 @@ def _check_types(cfg: TrainConfig) -> None:
                                 float not in allowed)
             raise ConfigError(f"config value {field.name!r} must be {names}, got {value!r} "
                               f"({type(value).__name__})")
+
+
+def preset_settings(name: str, latent_dim: int = 0) -> dict:
+    """TrainConfig fields of preset `name` for a code of `latent_dim` (0: DEFAULT_PRESET_LATENT);
+    a size that was not measured takes the settings of the nearest measured one."""
+    _check_choice("preset", name, PRESETS)
+    latent_dim = latent_dim or DEFAULT_PRESET_LATENT
+    nearest = min(COMPRESSION_SETTINGS, key=lambda size: (abs(size - latent_dim), size))
+    return {**COMPRESSION_SETTINGS[nearest], "model": "conv", "latent_dim": latent_dim}
+
+
+def _filter_counts(flag: str, text: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ConfigError(f"--{flag} must be positive filter counts separated by commas (e.g. 32,64); got {text!r}")
+    return tuple(int(p) for p in parts)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -4,7 +4,8 @@
 
 `dense` is the seed blog's MLP (Flatten, 256, 128, latent 32 with ReLU, mirrored back);
 `conv` halves the image twice with strided Conv2D and doubles it back with Conv2DTranspose
-(options: wider stages, residual blocks at the smallest resolution, a latent bounded by a sigmoid).
+(options: wider stages, residual blocks at the smallest resolution, a latent bounded by a sigmoid;
+for compression a wider decoder, stride-1 refinement at full resolution and a linear code<->pixel skip).
 `chain(..., quantization_noise=True)` trains through QuantizationNoise, so the decoder learns codes
 that survive one byte per dimension. Keeping the halves separate is what lets the export offer `encode` and `decode` on their own.
 """
@@ -42,6 +43,7 @@ def build_dense(input_shape, latent_dim: int, widths=(256, 128)) -> tuple[keras.
 
 
 LATENT_BOUNDS = {"none": None, "sigmoid": "sigmoid", "tanh": "tanh"}
+LINEAR_SKIPS = ("none", "decoder", "both")
 
 
 @keras.saving.register_keras_serializable(package="aekit")
@@ -80,14 +82,27 @@ def _residual_block(x, filters: int):
 
 
 def build_conv(input_shape, latent_dim: int, widths=(32, 64), residual_blocks: int = 0,
-               latent_bound: str = "none") -> tuple[keras.Model, keras.Model]:
+               latent_bound: str = "none", decoder_widths=None, refine_convs: int = 0,
+               linear_skip: str = "none") -> tuple[keras.Model, keras.Model]:
+    """Strided Conv2D encoder, Conv2DTranspose decoder. Decoder options (compression, issue 18):
+    `decoder_widths` its stages' filters (default: `widths`; the last is also the Dense->small
+    projection's), `refine_convs` stride-1 3x3 convolutions at full resolution before the output,
+    `linear_skip` "decoder": a Dense code->pixels added to the output's logits, so the decoder
+    contains a linear map beside the convolutional one; "both": also a Dense pixels->code added
+    to the code, so the autoencoder contains a linear (PCA-like) autoencoder."""
     if len(input_shape) != 3:
         raise ConfigError(f"--model conv needs images (H, W, C); this data has shape {tuple(input_shape)}: "
                           "use --model dense for vectors")
     height, width, channels = input_shape
+    decoder_widths = tuple(decoder_widths or widths)
+    if len(decoder_widths) != len(widths):
+        raise ConfigError(f"--decoder-widths needs one filter count per strided stage ({len(widths)}, as "
+                          f"--conv-widths); got {len(decoder_widths)}")
     factor = 2 ** len(widths)  # each strided layer halves the image
     if height % factor or width % factor:
         raise ConfigError(f"--model conv needs image sides divisible by {factor}; got {height}x{width}")
+    if linear_skip not in LINEAR_SKIPS:
+        raise ConfigError(f"--linear-skip must be one of {', '.join(LINEAR_SKIPS)}; got {linear_skip!r}")
 
     inputs = keras.Input(input_shape, name="images")
     x = inputs
@@ -97,19 +112,33 @@ def build_conv(input_shape, latent_dim: int, widths=(32, 64), residual_blocks: i
         x = _residual_block(x, widths[-1])
     x = layers.Flatten()(x)
     # linear code by default: ReLU would waste dimensions; a bound fixes the range quantization sees
-    latent = layers.Dense(latent_dim, activation=LATENT_BOUNDS[latent_bound], name="latent")(x)
+    if linear_skip == "both":
+        x = layers.Dense(latent_dim)(x)
+        x = layers.Add()([x, layers.Dense(latent_dim, name="linear_code")(layers.Flatten()(inputs))])
+        latent = layers.Activation(LATENT_BOUNDS[latent_bound] or "linear", name="latent")(x)
+    else:
+        latent = layers.Dense(latent_dim, activation=LATENT_BOUNDS[latent_bound], name="latent")(x)
     encoder = keras.Model(inputs, latent, name="encoder")
 
-    small = (height // factor, width // factor, widths[-1])
+    small = (height // factor, width // factor, decoder_widths[-1])
     code = keras.Input((latent_dim,), name="latent")
     x = layers.Dense(math.prod(small), activation="relu")(code)
     x = layers.Reshape(small)(x)
     for _ in range(residual_blocks):
-        x = _residual_block(x, widths[-1])
-    for filters in reversed(widths):
+        x = _residual_block(x, decoder_widths[-1])
+    for filters in reversed(decoder_widths):
         x = layers.Conv2DTranspose(filters, 3, strides=2, padding="same", activation="relu")(x)
-    outputs = layers.Conv2D(channels, 3, padding="same", activation="sigmoid", name="reconstruction",
-                            dtype=OUTPUT_DTYPE)(x)
+    for _ in range(refine_convs):
+        x = layers.Conv2D(decoder_widths[0], 3, padding="same", activation="relu")(x)
+    if linear_skip == "none":
+        outputs = layers.Conv2D(channels, 3, padding="same", activation="sigmoid", name="reconstruction",
+                                dtype=OUTPUT_DTYPE)(x)
+        return encoder, keras.Model(code, outputs, name="decoder")
+    logits = layers.Conv2D(channels, 3, padding="same", dtype=OUTPUT_DTYPE)(x)
+    skip = layers.Dense(math.prod(input_shape), name="linear_skip", dtype=OUTPUT_DTYPE)(code)
+    skip = layers.Reshape(input_shape, dtype=OUTPUT_DTYPE)(skip)
+    summed = layers.Add(dtype=OUTPUT_DTYPE)([logits, skip])
+    outputs = layers.Activation("sigmoid", name="reconstruction", dtype=OUTPUT_DTYPE)(summed)
     return encoder, keras.Model(code, outputs, name="decoder")
 
 
