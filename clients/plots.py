@@ -82,13 +82,17 @@ def plot_rate_distortion(points: list[dict], path, title: str = "Rate-distortion
         finite = [p for p in mine if math.isfinite(p["psnr_db"])]
         if finite:
             ax.plot([p["bytes_per_image"] for p in finite], [p["psnr_db"] for p in finite], "o-", label=method,
-                    markersize=4)
+                    markersize=4 if len(finite) > 1 else 9)  # a lone point (the demo model) stands out
         for p in mine:
             if not math.isfinite(p["psnr_db"]):
                 ax.axvline(p["bytes_per_image"], color="gray", linestyle="--", linewidth=1)
                 ax.annotate(f"{method} (lossless), {p['bytes_per_image']:.0f} B", (p["bytes_per_image"], 0.02),
                             xycoords=("data", "axes fraction"), rotation=90, fontsize=7, ha="right", va="bottom")
     ax.set_xscale("log")
+    sizes = [p["bytes_per_image"] for p in points]
+    ax.set_xticks([2 ** k for k in range(int(math.log2(min(sizes))), int(math.log2(max(sizes))) + 2)])
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 16, 32, ... not 2x10^1
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("bytes per image (log scale)")
     ax.set_ylabel("PSNR (dB)")
     ax.set_title(title)
@@ -100,7 +104,7 @@ def plot_rate_distortion(points: list[dict], path, title: str = "Rate-distortion
 def plot_compressed(originals, original_bytes, decompressed, code_bytes: int, path, count: int = 10) -> Path:
     """Top row: originals with their PNG size; bottom row: decompress(compress(x)) with the code's size."""
     count = min(count, len(originals))
-    fig, axes = plt.subplots(2, count, figsize=(1.3 * count, 3.2), squeeze=False)
+    fig, axes = plt.subplots(2, count, figsize=(1.3 * count, 3.5), squeeze=False)
     for i in range(count):
         _image(axes[0, i], originals[i], f"PNG {original_bytes[i]} B")
         _image(axes[1, i], decompressed[i], f"code {code_bytes} B")
