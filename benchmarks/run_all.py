@@ -13,7 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHMARKS = ["bench_training", "bench_serving", "bench_rest", "bench_multiworker", "bench_quality"]
+BENCHMARKS = ["bench_training", "bench_serving", "bench_rest", "bench_multiworker", "bench_quality",
+              "bench_rate_distortion"]
 
 
 def main() -> int:

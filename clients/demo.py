@@ -5,8 +5,11 @@
 
 Trains the conv denoising autoencoder with MirroredStrategy over 2 logical CPU devices, exports a
 version, starts `aekit serve` on free ports, calls encode, decode, denoise (on noisy digits, as
-in the seed blog) and score through the gRPC client, measures serving latency with the load
-generator, writes the figures and summary.json, and stops the server.
+in the seed blog), score, compress and decompress through the gRPC client, measures serving
+latency with the load generator, writes the figures and summary.json, and stops the server.
+The rate-distortion figure puts the served model's compress/decompress point (one byte per latent
+dimension) beside PCA at the same bytes and PNG, JPEG and WebP on the same held-out digits
+(training/rate_distortion.py; no extra training: PCA and the codecs cost a few CPU-seconds).
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ import numpy as np
 
 from clients import loadtest, plots
 from clients.grpc_client import AutoencoderClient
+from training import rate_distortion as rd
 
 DEMO_NOISE = 0.4  # the seed blog's noise factor
 READY_TIMEOUT = 120.0
 SCORE = "anomaly_score"  # what the threshold is on (score's is_anomaly); error stays the plain MSE
+PCA_SIZES = (16, 32, 64, 128)  # the PCA line of the rate-distortion figure (components at one byte each)
+CODEC_QUALITIES = {"png": (), "jpeg": (10, 50, 90), "webp": (10, 50, 90)}  # a few points per codec: seconds
 
 
 @dataclasses.dataclass
@@ -121,13 +127,40 @@ def _call_and_plot(client: AutoencoderClient, arrays, figures: Path, train_resul
                                 np.concatenate([scores[SCORE], turned_scores[SCORE]]),
                                 figures / "anomaly_worst.png"),
     ]
+    compression, compression_figures = _compress_and_plot(client, arrays, clean, figures)
+    written += compression_figures
     mse = lambda a, b: float(np.mean((a - b) ** 2))  # noqa: E731
-    serving = {"served_mse": mse(reconstructions, clean), "served_noisy_psnr_db": _psnr(mse(noisy, clean)),
+    serving = {"compression": compression, "served_mse": mse(reconstructions, clean), "served_noisy_psnr_db": _psnr(mse(noisy, clean)),
                "served_denoised_psnr_db": _psnr(mse(denoised, clean)), "anomaly_threshold": threshold,
                "held_out_flagged_fraction": float(np.mean(scores["is_anomaly"])),
                "noise_images_flagged_fraction": float(np.mean(anomalies["is_anomaly"])),
                "turned_digits_flagged_fraction": float(np.mean(turned_scores["is_anomaly"]))}
     return written, serving
+
+
+def _compress_and_plot(client: AutoencoderClient, arrays, clean: np.ndarray, figures: Path):
+    """The served model's compress/decompress point beside PCA and the image codecs on the same
+    held-out digits: the rate-distortion figure and a row of originals over their decompressed images."""
+    print("[demo] compress and decompress over gRPC; PCA, PNG, JPEG and WebP on the same digits", flush=True)
+    codes = client.compress(clean)
+    decompressed = client.decompress(codes)
+    ours = {"method": "aekit (served, 8-bit)", "bytes_per_image": int(codes.shape[1]),
+            "psnr_db": rd.psnr(clean, decompressed)}
+    train_px = arrays.x_train.reshape(len(arrays.x_train), -1).astype(np.float32) / 255.0
+    sizes = sorted({*PCA_SIZES, ours["bytes_per_image"]})
+    pca = rd.fit_pca(train_px, max(sizes))
+    points = [ours, *({"method": "PCA 8-bit", **rd.pca_point(pca, train_px, clean, dim, 8)} for dim in sizes),
+              *rd.codec_points(arrays.x_test, CODEC_QUALITIES)]
+    png_bytes = [len(rd.encode_image(image, "png", None)) for image in arrays.x_test[:10]]
+    written = [plots.plot_rate_distortion(points, figures / "rate_distortion.png",
+                                          f"Rate-distortion, {len(clean):,} held-out digits"),
+               plots.plot_compressed(clean, png_bytes, decompressed, ours["bytes_per_image"],
+                                     figures / "compressed.png")]
+    pca_same = next(p for p in points if p["method"] == "PCA 8-bit" and p["bytes_per_image"] == ours["bytes_per_image"])
+    summary = {"bytes_per_image": ours["bytes_per_image"], "psnr_db": ours["psnr_db"],
+               "pca_psnr_db_same_bytes": pca_same["psnr_db"],
+               "points": [rd.json_point(p) for p in points]}
+    return summary, written
 
 
 def _psnr(mse: float) -> float:
@@ -162,6 +195,9 @@ def _print_where(summary: dict, out: Path) -> None:
     print(f"  summary.json        held-out MSE {held['mse']:.5f}, PSNR {held['psnr_db']:.2f} dB, "
           f"denoising gain {held.get('denoise_gain_db', 0):.2f} dB, "
           f"gRPC p50 {summary['serving_latency_ms']['p50']:.2f} ms")
+    packed = summary["serving"]["compression"]
+    print(f"                      compressed to {packed['bytes_per_image']} B per image at "
+          f"{packed['psnr_db']:.2f} dB (PCA at the same bytes {packed['pca_psnr_db_same_bytes']:.2f} dB)")
     for figure in summary["figures"]:
         print(f"  {figure}")
     print(f"  {Path(summary['model_version']).relative_to(out) if summary['model_version'] else ''}"

@@ -5,7 +5,9 @@
 reconstructions.png (originals / latent codes / reconstructions, as in the seed blog),
 denoising.png (noisy / denoised / clean), latent_space.png (2-D PCA of the codes by label),
 training_curves.png (loss, MSE, PSNR per epoch), anomaly_scores.png (error histogram and threshold),
-anomaly_roc.png (ROC curve), anomaly_worst.png (worst-scored inputs with their anomaly maps).
+anomaly_roc.png (ROC curve), anomaly_worst.png (worst-scored inputs with their anomaly maps),
+rate_distortion.png (PSNR against bytes per image, one line per method) and compressed.png
+(originals over their decompressed images, with the bytes each took).
 """
 
 from __future__ import annotations
@@ -67,6 +69,46 @@ def plot_denoising(noisy, denoised, clean, path, count: int = 10) -> Path:
         _image(axes[1, i], denoised[i], "denoised" if i == 0 else None)
         _image(axes[2, i], clean[i], "clean" if i == 0 else None)
     fig.suptitle("Denoising: noisy inputs and the model's outputs")
+    return _save(fig, Path(path))
+
+
+def plot_rate_distortion(points: list[dict], path, title: str = "Rate-distortion, held-out images") -> Path:
+    """PSNR (dB) against bytes per image on a log axis, one line per `method`; a lossless point
+    (PSNR inf, e.g. PNG) is a vertical dashed line at its bytes."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    for method in methods:
+        mine = sorted((p for p in points if p["method"] == method), key=lambda p: p["bytes_per_image"])
+        finite = [p for p in mine if math.isfinite(p["psnr_db"])]
+        if finite:
+            ax.plot([p["bytes_per_image"] for p in finite], [p["psnr_db"] for p in finite], "o-", label=method,
+                    markersize=4 if len(finite) > 1 else 9)  # a lone point (the demo model) stands out
+        for p in mine:
+            if not math.isfinite(p["psnr_db"]):
+                ax.axvline(p["bytes_per_image"], color="gray", linestyle="--", linewidth=1)
+                ax.annotate(f"{method} (lossless), {p['bytes_per_image']:.0f} B", (p["bytes_per_image"], 0.02),
+                            xycoords=("data", "axes fraction"), rotation=90, fontsize=7, ha="right", va="bottom")
+    ax.set_xscale("log")
+    sizes = [p["bytes_per_image"] for p in points]
+    ax.set_xticks([2 ** k for k in range(int(math.log2(min(sizes))), int(math.log2(max(sizes))) + 2)])
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 16, 32, ... not 2x10^1
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("bytes per image (log scale)")
+    ax.set_ylabel("PSNR (dB)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, Path(path))
+
+
+def plot_compressed(originals, original_bytes, decompressed, code_bytes: int, path, count: int = 10) -> Path:
+    """Top row: originals with their PNG size; bottom row: decompress(compress(x)) with the code's size."""
+    count = min(count, len(originals))
+    fig, axes = plt.subplots(2, count, figsize=(1.3 * count, 3.5), squeeze=False)
+    for i in range(count):
+        _image(axes[0, i], originals[i], f"PNG {original_bytes[i]} B")
+        _image(axes[1, i], decompressed[i], f"code {code_bytes} B")
+    fig.suptitle("Originals (top) and decompressed codes (bottom), with the bytes each takes")
     return _save(fig, Path(path))
 
 

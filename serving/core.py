@@ -69,8 +69,12 @@ def spec_version(spec: model_pb2.ModelSpec) -> tuple[int | None, str | None]:
 
 class DataPlane:
     def __init__(self, manager: ModelManager, metrics: ServerMetrics | None = None,
-                 batcher: BatchScheduler | None = None, response_tensor_content: bool = False):
+                 batcher: BatchScheduler | None = None, response_tensor_content: bool = False,
+                 method_name_check: bool = False):
         self.manager, self.metrics, self.batcher = manager, metrics or ServerMetrics(), batcher
+        # --enable_signature_method_name_check (off by default, as in tensorflow_model_server):
+        # Classify/Regress then need a signature whose method_name is classify/regress.
+        self.method_name_check = method_name_check
         # TF Serving's ServerCore::Options::predict_response_tensor_serialization_option: Predict
         # outputs in the typed *_val fields (kAsProtoField, the default) or in tensor_content
         # (--enable_serialization_as_tensor_content).
@@ -209,12 +213,23 @@ class DataPlane:
                           ) -> meta_graph_pb2.SignatureDef:
         """The signature for Classify/Regress, checked by shape of inputs and outputs.
 
-        Like TF Serving (whose method-name check is off by default), the signature's method_name
-        is not required: TF2 exports mark every signature "predict".
+        As TF Serving's GetClassificationSignatureDef / PreProcessClassification
+        (tensorflow_serving/servables/tensorflow/classifier.cc; regressor.cc alike): the
+        signature's method_name must be classify (regress) only when the server runs with
+        --enable_signature_method_name_check (util.cc GetSignatureMethodNameCheckFeature; the
+        flag in model_servers/main.cc defaults to false). Off, a signature that keras.export.
+        ExportArchive or tf.saved_model.save wrote (every method_name "tensorflow/serving/predict")
+        is accepted when its inputs and outputs fit; on, it is INVALID_ARGUMENT with TF Serving's
+        message.
         """
         if name not in servable.signature_defs:
             raise invalid_argument(f"No signature was found with the name: {name}")
         signature = servable.signature_defs[name]
+        if self.method_name_check and signature.method_name != method:
+            raise invalid_argument(f"Expected {what} signature method_name to be {method}. Was: "
+                                   f"{signature.method_name} (the server runs with "
+                                   "--enable_signature_method_name_check; TF2 exports mark every signature "
+                                   "predict: start it without that flag)")
         if len(signature.inputs) != 1 or "inputs" not in signature.inputs:
             raise invalid_argument(f"Expected one input Tensor named \"inputs\" in {what} signature {name}; "
                                    f"found {sorted(signature.inputs)}")

@@ -96,7 +96,7 @@ class ServerConfig:
     prefer_tflite_model: bool = False  # ignored (warning): the SavedModel is served, TF Serving's fallback
     num_tflite_pools: int = 1  # ignored (warning), as prefer_tflite_model
     num_tflite_interpreters_per_pool: int = 1  # ignored (warning), as prefer_tflite_model
-    enable_signature_method_name_check: bool = False  # ignored (warning): method names are never checked
+    enable_signature_method_name_check: bool = False  # Classify/Regress need signatures of that method_name
     xla_cpu_compilation_enabled: bool = False  # ignored (warning): models run as exported
     xla_gpu_compilation_enabled: bool = False  # ignored (warning), as xla_cpu_compilation_enabled
     enable_profiler: bool = True  # ignored (warning) when false; there is no profiler service to turn off
@@ -119,7 +119,7 @@ IGNORED_FLAGS = (
     "enable_per_model_batching_parameters", "num_request_iterations_for_warmup", "num_load_threads",
     "num_unload_threads", "flush_filesystem_caches", "tensorflow_session_config_file",
     "per_process_gpu_memory_fraction", "remove_unused_fields_from_bundle_metagraph", "prefer_tflite_model",
-    "num_tflite_pools", "num_tflite_interpreters_per_pool", "enable_signature_method_name_check",
+    "num_tflite_pools", "num_tflite_interpreters_per_pool",
     "xla_cpu_compilation_enabled", "xla_gpu_compilation_enabled", "enable_profiler",
     "thread_pool_factory_config_file", "mixed_precision", "skip_initialize_tpu",
 )
@@ -303,7 +303,8 @@ class EmbeddedServer:
         self.manager = ModelManager(loader=self.metrics.timed_loader(Servable), on_event=self._on_event,
                                     max_load_retries=max(cfg.max_num_load_retries, 0),
                                     load_retry_interval=cfg.load_retry_interval_micros / 1e6)
-        self.core = DataPlane(self.manager, self.metrics, batcher, cfg.enable_serialization_as_tensor_content)
+        self.core = DataPlane(self.manager, self.metrics, batcher, cfg.enable_serialization_as_tensor_content,
+                              cfg.enable_signature_method_name_check)
         if cfg.enable_model_warmup:
             self.manager.warmup = self.core.warmup  # the core replays the records; it needs the manager first
         self.manager.configure(model_server_config(cfg))

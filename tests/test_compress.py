@@ -205,6 +205,16 @@ def test_a_truncated_file_is_refused_in_one_line(exported, code_file, capsys):
     assert "is truncated" in _refused(capsys, exported["base"], code_file)
 
 
+@pytest.mark.parametrize("keep", ["nothing", "header only", "half", "all but one byte"])
+def test_a_file_cut_anywhere_is_refused_in_one_line_before_anything_is_written(exported, code_file, capsys, keep):
+    raw = code_file.read_bytes()
+    _, body_start = codefile.read_header(str(code_file))
+    size = {"nothing": 0, "header only": body_start, "half": len(raw) // 2, "all but one byte": len(raw) - 1}[keep]
+    code_file.write_bytes(raw[:size])
+    err = _refused(capsys, exported["base"], code_file)
+    assert str(code_file) in err and ("is truncated" in err or "is not an aekit code file" in err), err
+
+
 def test_a_corrupt_file_is_refused_in_one_line(exported, code_file, capsys):
     raw = bytearray(code_file.read_bytes())
     raw[len(raw) // 2] ^= 0x40
@@ -300,3 +310,20 @@ def test_client_compress_and_decompress_over_grpc_and_rest(exported, server, tmp
         np.testing.assert_allclose(np.load(tmp_path / "back.npy"), want_images, atol=1e-6)
         code, _, err = _cli(capsys, "client", "decompress", *common, "--input", str(tmp_path / "x.npy"))
         assert code != 0 and len(err.splitlines()) == 1 and "holds float32 values" in err
+
+
+def test_decompressed_file_is_the_served_round_trip_over_grpc_and_rest(exported, server, tmp_path, capsys):
+    """The bar: `aekit compress` then `aekit decompress` gives the images a served
+    decompress(compress(x)) gives (rounded to uint8 as decompress writes them)."""
+    from clients import AutoencoderClient, RestAutoencoderClient
+
+    assert _cli(capsys, "compress", "--model-base-path", exported["base"], "--dataset", exported["dataset"],
+                "--split", "test", "--output", str(tmp_path / "t.aec"))[0] == 0
+    assert _cli(capsys, "decompress", "--model-base-path", exported["base"], "--input", str(tmp_path / "t.aec"),
+                "--output", str(tmp_path / "t.npz"))[0] == 0
+    with np.load(tmp_path / "t.npz") as f:
+        from_file = f["images"]
+    for client in (AutoencoderClient(server["grpc"], "ae"), RestAutoencoderClient(server["rest"], "ae")):
+        served = client.decompress(client.compress(exported["test"]))
+        client.close()
+        assert np.array_equal(from_file, compress.to_uint8(served, (4, 4, 1))), type(client).__name__

@@ -232,5 +232,9 @@ def test_demo_smoke(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert {"mse", "psnr_db", "denoise_gain_db"} <= set(summary["held_out"])
     assert summary["serving_latency_ms"]["p50"] > 0
-    assert len(summary["figures"]) == 8 and all((out / f).stat().st_size > 5000 for f in summary["figures"])
+    assert len(summary["figures"]) == 10 and all((out / f).stat().st_size > 5000 for f in summary["figures"])
+    compression = summary["serving"]["compression"]  # the served model's point beside PCA and the codecs
+    assert {"figures/rate_distortion.png", "figures/compressed.png"} <= set(summary["figures"])
+    assert compression["bytes_per_image"] > 0 and compression["psnr_db"] > 0
+    assert {p["method"] for p in compression["points"]} >= {"PCA 8-bit", "PNG", "JPEG", "WebP"}
     assert "Everything is in" in result.stdout
