@@ -8,8 +8,8 @@ and PNG, JPEG and WebP through Pillow at several qualities.
     #    OUTPUT_DIR/rate_distortion.json, OUTPUT_DIR/figures/rate_distortion.png
 
 Each aekit point trains with the project's own `train.train_and_evaluate` on mnist-sample's
-4,000 training images, with the TrainConfig fields COMPRESSION_SETTINGS gives for that latent
-size (TrainConfig defaults otherwise; --epochs overrides both). Codes are quantized as `aekit
+4,000 training images, with the TrainConfig fields of the compression preset for that latent
+size (`aekit train --preset compression`; --epochs overrides it). Codes are quantized as `aekit
 compress` stores them, with per-dimension ranges from the TRAINING codes; at 4 bits they are 16
 levels over the same ranges, packed two to a byte, so a point takes latent * bits / 8 bytes.
 PCA is fitted on the training pixels and quantized the same way. Codec bytes are each encoded
@@ -20,7 +20,8 @@ pixels (all labels, and 10 per class); it costs minutes of CPU (LogisticRegressi
 --no-probe. "train cpu-s" is the process's CPU time for that point's training; "vs PCA" is
 against the better of PCA 8-bit and 4-bit at the same bytes.
 
-Measured 2026-12-02 (TrainConfig defaults, 10 epochs, 2 shared cores; 657 CPU-s in all):
+Measured 2026-12-02 BEFORE the compression preset (TrainConfig defaults, 10 epochs, 2 shared
+cores; 657 CPU-s in all; the preset's own rows are in benchmarks/bench_codes.py):
   aekit 8-bit  16 B 19.13 dB, 32 B 21.35, 64 B 22.57, 128 B 23.10 (PCA 8-bit 15.86, 18.01, 20.85, 24.31)
   aekit 4-bit   8 B 18.61 dB, 16 B 20.72, 32 B 22.06,  64 B 22.80 (PCA 4-bit 15.78, 17.86, 20.53, 23.59)
   WebP q1 114 B 25.09 dB, q10 143 B 28.67; JPEG q10 401 B 22.85; PNG 275 B lossless
@@ -42,12 +43,10 @@ import numpy as np
 from clients import plots
 from training import data, probe, train
 from training import rate_distortion as rd
-from training.config import TrainConfig
+from training.config import TrainConfig, preset_settings
 
-# The per-latent TrainConfig fields of the aekit points. h-quality chooses the compression
-# settings and puts them in training/config.py or training/models.py; after merging, point this
-# name at that dict ({latent_dim: {field: value}}). Empty: TrainConfig defaults at each latent.
-COMPRESSION_SETTINGS: dict[int, dict] = {}
+# The per-latent TrainConfig fields of the aekit points: `aekit train --preset compression`'s
+# ({latent_dim: {field: value}}), chosen by measurement in benchmarks/bench_codes.py.
 
 LATENTS = (16, 32, 64, 128)
 BITS = (8, 4)
@@ -57,8 +56,8 @@ DATASET = "mnist-sample"
 
 
 def train_config(latent: int, epochs: int | None, workdir: str) -> TrainConfig:
-    """TrainConfig for one aekit point: COMPRESSION_SETTINGS[latent] over the defaults, then --epochs."""
-    fields = dict(COMPRESSION_SETTINGS.get(latent, {}))
+    """TrainConfig for one aekit point: the compression preset at `latent`, then --epochs."""
+    fields = {k: v for k, v in preset_settings("compression", latent).items() if k != "latent_dim"}
     if epochs is not None:
         fields["epochs"] = epochs
     return TrainConfig(**{**fields, "dataset": DATASET, "latent_dim": latent, "workdir": workdir, "export": False})
@@ -128,7 +127,7 @@ def run(output_dir: str = "bench-output", latents=LATENTS, epochs: int | None = 
     points += rd.codec_points(test_uint8, qualities)
     report = {"dataset": DATASET, "test_examples": len(test_px), "points": points,
               "container_overhead_bytes": {c: rd.container_overhead(c) for c in rd.CODECS},
-              "settings_per_latent": {str(k): COMPRESSION_SETTINGS.get(k, {}) for k in latents}}
+              "settings_per_latent": {str(k): preset_settings("compression", k) for k in latents}}
     if with_probe:
         labels = first["train"].labels, first["test"].labels
         report["recognition"] = recognition_rows(codes, pca, (train_px, test_px), labels)
