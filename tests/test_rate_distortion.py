@@ -12,6 +12,7 @@ from benchmarks import bench_rate_distortion as bench
 from clients import plots
 from training import quantize
 from training import rate_distortion as rd
+from training.config import preset_settings
 
 
 def digits(count: int = 12, seed: int = 0) -> np.ndarray:
@@ -114,12 +115,13 @@ def test_quantized_point_counts_packed_bytes_and_matches_float_at_high_precision
     assert eight["psnr_db"] > four["psnr_db"] + 20 > 40
 
 
-def test_the_benchmark_takes_each_latents_settings_and_epochs_override(monkeypatch, tmp_path):
-    monkeypatch.setattr(bench, "COMPRESSION_SETTINGS", {32: {"epochs": 30, "batch_size": 16}})
-    cfg = bench.train_config(32, None, str(tmp_path))
-    assert (cfg.latent_dim, cfg.epochs, cfg.batch_size, cfg.export) == (32, 30, 16, False)
+def test_the_benchmark_trains_each_latent_with_the_compression_preset_and_epochs_override(tmp_path):
+    for latent in (16, 32, 64, 128):
+        cfg = bench.train_config(latent, None, str(tmp_path))
+        preset = preset_settings("compression", latent)
+        assert (cfg.latent_dim, cfg.epochs, cfg.batch_size, cfg.loss, cfg.export) == (
+            latent, preset["epochs"], preset["batch_size"], preset["loss"], False)
     assert bench.train_config(32, 2, str(tmp_path)).epochs == 2
-    assert bench.train_config(16, None, str(tmp_path)).batch_size == bench.TrainConfig().batch_size
 
 
 def test_rate_distortion_figure_with_a_lossless_point(tmp_path):
