@@ -141,9 +141,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_data_convert(args: argparse.Namespace) -> int:
-    from training import convert
+    from training import anomaly, convert
 
-    metadata = convert.convert(args.dataset, args.output, args.shards, args.data_dir, args.download)
+    classes = anomaly.parse_classes(args.classes, "--classes") if args.classes else ()
+    metadata = convert.convert(args.dataset, args.output, args.shards, args.data_dir, args.download, classes)
     counts = {name: split["count"] for name, split in metadata["splits"].items()}
     print(json.dumps({"output": args.output, "shape": metadata["shape"], "dtype": metadata["dtype"], **counts}))
     return 0
@@ -270,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--shards", type=int, default=8, help="train shards (test gets a quarter); at least the worker count")
     c.add_argument("--data-dir", help="tensorflow-datasets data_dir")
     c.add_argument("--download", action="store_true", help="let tfds download (needs network)")
+    c.add_argument("--classes", help="keep only these labels in both splits, e.g. 3 or 0,1,7: a one-class "
+                                     "training set for anomaly detection that streams")
     c.set_defaults(func=cmd_data_convert)
 
     p = sub.add_parser("evaluate", help="score the latest exported version on a test split")

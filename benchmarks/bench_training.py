@@ -1,6 +1,7 @@
 """Training throughput, side by side in one run (images/s):
 
-    python -m benchmarks.bench_training            # or: make bench (both groups, ~4 min on 2 cores)
+    python -m benchmarks.bench_training            # or: make bench (both groups)
+    python -m benchmarks.bench_training --groups precision --rounds 15   # 3 min on 2 idle cores
     python -m benchmarks.bench_training --groups precision --precisions float32 mixed_bfloat16 mixed_float16
     # core: Keras model.fit (noise drawn per step; and the seed blog's, noise drawn once) | aekit
     # loop, 1 device | aekit loop, 2 logical devices | the input pipeline alone, in memory and

@@ -283,6 +283,27 @@ def test_convert_round_trip_is_exact(tmp_path):
         convert.convert("mnist-sample", str(tmp_path / "shards"), shards=4)
 
 
+def test_convert_classes_keeps_those_labels_of_any_source_and_refuses_a_missing_one(tmp_path):
+    from training import convert
+
+    source = data.load_arrays("mnist-sample")
+    convert.convert("mnist-sample", str(tmp_path / "all"), shards=4)
+    for name, dataset in (("from-memory", "mnist-sample"), ("from-shards", f"tfrecord:{tmp_path / 'all'}")):
+        metadata = convert.convert(dataset, str(tmp_path / name), shards=4, classes=(1, 7))
+        assert metadata["classes"] == [1, 7]
+        for split in ("train", "test"):
+            want = np.isin(getattr(source, f"y_{split}"), (1, 7))
+            assert metadata["splits"][split]["count"] == int(want.sum())
+        back = data.to_arrays(data.load_source(f"tfrecord:{tmp_path / name}"))
+        assert sorted(set(back.y_train.tolist())) == [1, 7] and len(back.x_test) == np.isin(source.y_test, (1, 7)).sum()
+        np.testing.assert_array_equal(np.sort(back.x_train.reshape(len(back.x_train), -1).sum(1)),
+                                      np.sort(source.x_train[np.isin(source.y_train, (1, 7))]
+                                              .reshape(-1, 784).sum(1, dtype=np.int64)))
+    with pytest.raises(ConfigError, match="--classes 1,11: mnist-sample has no train examples of class 11"):
+        convert.convert("mnist-sample", str(tmp_path / "none"), shards=4, classes=(1, 11))
+    assert not (tmp_path / "none" / "metadata.json").exists()
+
+
 def test_convert_vectors_to_ram_and_a_glob_source(tmp_path):
     from training import convert
 

@@ -29,7 +29,8 @@ pytestmark = pytest.mark.slow
 SUBNET = "10.231.7"  # a private /24 that exists only inside the two namespaces below
 PORT = 2222
 REPO = Path(__file__).resolve().parent.parent
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+# PYTHONFAULTHANDLER: a worker that dies in a signal leaves every thread's Python stack in its log.
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1", PYTHONPATH=str(REPO))
 COMMON = ["--epochs", "1", "--model", "dense", "--seed", "3", "--max-examples", "1024", "--batch-size", "16",
           "--checkpoint-every-steps", "16", "--steps-per-loop", "4"]  # 64 steps, a checkpoint every 16
 
@@ -162,7 +163,7 @@ def uninterrupted(hosts, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("uninterrupted")
     workers = run_both(hosts, tmp, "clean", *flags(tmp))
     codes = [w.finish() for w in workers]
-    assert codes == [0, 0], [w.output()[-2000:] for w in workers]
+    assert codes == [0, 0], _outputs(workers)
     results = [w.result() for w in workers]
     assert results[0]["weights_sha256"] == results[1]["weights_sha256"]
     return tmp, results[0]
@@ -201,7 +202,7 @@ def test_a_flap_shorter_than_the_timeout_is_survived(links_up, tmp_path, uninter
     links_up[1].link("down")
     time.sleep(12)  # under the 30 s asked for, over TensorFlow's default 10 s heartbeat timeout
     links_up[1].link("up")
-    assert [w.finish() for w in workers] == [0, 0], [w.output()[-2000:] for w in workers]
+    assert [w.finish() for w in workers] == [0, 0], _outputs(workers)
     assert workers[0].result()["weights_sha256"] == uninterrupted[1]["weights_sha256"]
 
 
@@ -215,7 +216,7 @@ def test_a_link_down_longer_than_the_timeout_fails_in_one_line_and_resumes_exact
     links_up[1].link("up")
     # Both end in the same one line with exit 1: no traceback, and no SIGSEGV from TensorFlow's
     # coordination agent racing the interpreter's teardown (issue 19; WorkerLost leaves via os._exit).
-    assert codes == [1, 1], [w.output()[-2000:] for w in workers]
+    assert codes == [1, 1], _outputs(workers)
     for worker in workers:
         (line,) = worker.errors()
         assert "a peer worker failed or is unreachable" in line and "restart the job to resume" in line
@@ -267,7 +268,7 @@ def test_workers_with_different_checkpoints_refuse_in_one_line(hosts, tmp_path, 
     workers = [host.train(tmp_path, f"split-{i}", tf_config(hosts, i, PORT + 5),
                           *flags(tmp_path, f"w{i}", "--epochs", "2")) for i, host in enumerate(hosts)]
     codes = [w.finish() for w in workers]
-    assert codes == [2, 2], [w.output()[-2000:] for w in workers]
+    assert codes == [2, 2], _outputs(workers)
     for worker in workers:
         (line,) = worker.errors()
         assert "worker-0 at step 64, worker-1 at step 0" in line and "same --workdir" in line

@@ -26,15 +26,15 @@ from training.evaluate import load_for_source
 SCORE_BATCH = 256
 
 
-def parse_classes(text: str) -> tuple[int, ...]:
+def parse_classes(text: str, flag: str = "--normal-classes") -> tuple[int, ...]:
     """"3" or "0,1,7" -> (0, 1, 7)."""
     try:
         classes = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
     except ValueError:
-        raise ConfigError(f"--normal-classes must be comma-separated integer labels, e.g. 3 or 0,1,7; "
+        raise ConfigError(f"{flag} must be comma-separated integer labels, e.g. 3 or 0,1,7; "
                           f"got {text!r}") from None
     if not classes:
-        raise ConfigError("--normal-classes names no class; give labels such as 3 or 0,1,7")
+        raise ConfigError(f"{flag} names no class; give labels such as 3 or 0,1,7")
     return classes
 
 
@@ -43,13 +43,15 @@ def normal_source(source: data.Source, classes: Sequence[int], dataset: str) -> 
 
     Only in-memory sources are filtered. A streamed split's example count, shards and input
     groups come from its files; filtering inside the pipeline would change every epoch's length
-    and the per-worker shares, so such a source is refused with what to do instead.
+    and the per-worker shares, so such a source is refused with the command that writes the
+    normal classes to their own shards once (`aekit data convert --classes`), which stream.
     """
     if not (source.train.in_memory and source.test.in_memory):
+        listed = ",".join(map(str, classes))
         raise ConfigError(f"--normal-classes filters in-memory sources only, and {dataset} is streamed from "
-                          "TFRecord files: write the normal classes' examples to their own TFRecord files "
-                          "(or an npz:PATH) and train on those; evaluate --anomaly --normal-classes works on "
-                          "streamed sources")
+                          f"TFRecord files: write the normal classes to their own TFRecord files with `aekit data "
+                          f"convert --dataset {dataset} --output DIR --classes {listed}` and train on tfrecord:DIR "
+                          "without --normal-classes; evaluate --anomaly --normal-classes works on streamed sources")
     arrays = data.Arrays(source.train.x, source.train.y, source.test.x, source.test.y)
     return normal_split(arrays, classes, dataset).source(source.name)
 

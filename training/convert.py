@@ -3,6 +3,8 @@
     aekit data convert --dataset ./my_images --output gs://bucket/data/my_images --shards 32
     aekit train --dataset tfrecord:gs://bucket/data/my_images ...
     # -> train-00000-of-00032.tfrecord ..., test-00000-of-00008.tfrecord ..., metadata.json
+    aekit data convert --dataset tfrecord:gs://bucket/data/my_images --output gs://bucket/data/threes --classes 3
+    # -> the examples labelled 3 only: a one-class (anomaly detection) training set that streams
 
 Examples keep the source's train/test split (its own, or the fixed split seed's) and go round
 robin over the shards, so a class-sorted source still gives mixed shards. Images are stored as raw
@@ -14,7 +16,9 @@ a folder without it is an unfinished conversion and is not read as a dataset.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
+import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
@@ -28,27 +32,50 @@ READ_BATCH = 1024  # examples read from the source at a time
 
 
 def convert(dataset: str, output: str, shards: int = 8, data_dir: str | None = None,
-            download: bool = False) -> dict:
-    """Writes `dataset` as shards under `output` and returns the metadata it wrote."""
+            download: bool = False, classes: Sequence[int] = ()) -> dict:
+    """Writes `dataset` as shards under `output` and returns the metadata it wrote.
+
+    classes: keep only the examples with these labels, in both splits (what `train
+    --normal-classes` does to an in-memory source, done once here for a streamed one).
+    """
     if shards < 1:
         raise ConfigError(f"--shards must be at least 1, got {shards}")
     output = paths.check_writable(output, "--output")
     if paths.exists(paths.join(output, METADATA_FILE)):
         raise ConfigError(f"{output} already holds a converted dataset ({METADATA_FILE}); choose an empty folder")
     source = data.load_source(dataset, data_dir, download)
-    test_shards = max(1, shards // 4)
-    splits = {"train": _write_split(source.train, output, "train", shards),
-              "test": _write_split(source.test, output, "test", test_shards)}
+    kept = _kept_counts(source, classes, dataset) if classes else {}
+    wanted = {"train": shards, "test": max(1, shards // 4)}
+    splits = {name: _write_split(getattr(source, name), output, name, min(count, kept.get(name, count)), classes)
+              for name, count in wanted.items()}
     first = next(_batches(source.train))[0][:1]
     fmt = records.RecordFormat("image" if first.dtype == "uint8" else "vector", tuple(source.input_shape))
     metadata = {"format_version": FORMAT_VERSION, "source": dataset, "format": fmt.to_json(),
                 "shape": list(source.input_shape), "dtype": str(first.dtype), "split_seed": SPLIT_SEED,
                 "splits": splits}
+    if classes:
+        metadata["classes"] = sorted(int(c) for c in classes)
     paths.write_text(paths.join(output, METADATA_FILE), json.dumps(metadata, indent=1) + "\n")
     return metadata
 
 
-def _write_split(split: Split, output: str, name: str, shards: int) -> dict:
+def _kept_counts(source, classes: Sequence[int], dataset: str) -> dict[str, int]:
+    """The examples of `classes` in each split, from the labels alone (one pass, before writing:
+    a split gets no more shards than examples); refused if a class has none in a split."""
+    kept = {}
+    for name, split in (("train", source.train), ("test", source.test)):
+        present, kept[name] = set(), 0
+        for _, y in _batches(split, labels_only=True):
+            present.update(np.unique(y).tolist())
+            kept[name] += int(np.isin(y, classes).sum())
+        missing = [c for c in classes if c not in present]
+        if missing:
+            raise ConfigError(f"--classes {','.join(map(str, classes))}: {dataset} has no {name} examples of "
+                              f"class {missing[0]} (its labels are {', '.join(map(str, sorted(present)))})")
+    return kept
+
+
+def _write_split(split: Split, output: str, name: str, shards: int, classes: Sequence[int] = ()) -> dict:
     shards = min(shards, split.count)
     files = [f"{name}-{i:05d}-of-{shards:05d}.tfrecord" for i in range(shards)]
     counts = [0] * shards
@@ -57,22 +84,26 @@ def _write_split(split: Split, output: str, name: str, shards: int) -> dict:
         with tqdm(total=split.count, desc=f"converting {name}", unit="example", disable=None) as bar:
             j = 0
             for x, y in _batches(split):
+                bar.update(len(x))
+                if classes:
+                    keep = np.isin(y, classes)
+                    x, y = x[keep], y[keep]
                 for example, label in zip(x, y):
                     writers[j % shards].write(records.example_for(example, int(label)))
                     counts[j % shards] += 1
                     j += 1
-                bar.update(len(x))
     finally:
         for writer in writers:
             writer.close()
     return {"count": sum(counts), "shards": [{"file": f, "count": c} for f, c in zip(files, counts)]}
 
 
-def _batches(split: Split):
-    """(examples, labels) numpy batches of a split, in order."""
+def _batches(split: Split, labels_only: bool = False):
+    """(examples, labels) numpy batches of a split, in order; examples None when labels_only."""
     if split.in_memory:
         for start in range(0, split.count, READ_BATCH):
-            yield split.x[start:start + READ_BATCH], split.y[start:start + READ_BATCH]
+            yield (None if labels_only else split.x[start:start + READ_BATCH]), split.y[start:start + READ_BATCH]
         return
     for serialized in tf.data.TFRecordDataset(list(split.files)).batch(READ_BATCH):
-        yield records.parse_batch(serialized, split.fmt).numpy(), records.parse_labels(serialized).numpy()
+        examples = None if labels_only else records.parse_batch(serialized, split.fmt).numpy()
+        yield examples, records.parse_labels(serialized).numpy()
