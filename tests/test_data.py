@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -302,6 +304,22 @@ def test_convert_classes_keeps_those_labels_of_any_source_and_refuses_a_missing_
     with pytest.raises(ConfigError, match="--classes 1,11: mnist-sample has no train examples of class 11"):
         convert.convert("mnist-sample", str(tmp_path / "none"), shards=4, classes=(1, 11))
     assert not (tmp_path / "none" / "metadata.json").exists()
+
+
+def test_the_cli_converts_one_class_and_refuses_bad_classes_in_one_line(tmp_path, capsys):
+    import aekit_cli
+
+    out = tmp_path / "threes"
+    assert aekit_cli.main(["data", "convert", "--dataset", "mnist-sample", "--output", str(out), "--classes", "3"]) == 0
+    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    y = data.load_arrays("mnist-sample")
+    assert (counts["train"], counts["test"]) == (int((y.y_train == 3).sum()), int((y.y_test == 3).sum()))
+    for bad in ("3,x", ","):
+        assert aekit_cli.main(["data", "convert", "--dataset", "mnist-sample", "--output", str(tmp_path / "bad"),
+                               "--classes", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("aekit: error: --classes "), err
+        assert not (tmp_path / "bad" / "metadata.json").exists()
 
 
 def test_convert_vectors_to_ram_and_a_glob_source(tmp_path):
