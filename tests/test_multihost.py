@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 SUBNET = "10.231.7"  # a private /24 that exists only inside the two namespaces below
 PORT = 2222
 REPO = Path(__file__).resolve().parent.parent
-# PYTHONFAULTHANDLER: a worker that dies in a signal leaves every thread's Python stack in its log.
+# PYTHONFAULTHANDLER: a worker killed by SIGSEGV, SIGABRT, SIGBUS or SIGFPE leaves every thread's Python stack in its log.
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1", PYTHONPATH=str(REPO))
 COMMON = ["--epochs", "1", "--model", "dense", "--seed", "3", "--max-examples", "1024", "--batch-size", "16",
           "--checkpoint-every-steps", "16", "--steps-per-loop", "4"]  # 64 steps, a checkpoint every 16
