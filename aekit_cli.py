@@ -79,7 +79,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold-fpr", type=float,
                    help="anomaly threshold that flags this fraction of held-out normal data (default 0.01)")
     p.add_argument("--anomaly-score", help="what score's anomaly_score and threshold use: combined (default: "
-                                           "latent Mahalanobis + blurred residual MSE) | mse (reconstruction MSE)")
+                                           "latent Mahalanobis + peak of the blurred residual) | mse (reconstruction MSE)")
     p.add_argument("--probe", action="store_true", default=None,
                    help="export also a classify signature: a linear probe fitted on the training split's codes")
     p.add_argument("--input-groups", type=int, help="streamed data: file sets per global batch (0: one per worker)")

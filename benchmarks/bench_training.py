@@ -66,7 +66,8 @@ def fit_runner(x: np.ndarray, batch: int, model: str = "dense", policy: str = "f
     """
     keras.utils.set_random_seed(0)
     with precision.policy(policy):
-        encoder, decoder = models.build_autoencoder(model, x.shape[1:], 32)
+        # the loop's code size (TrainConfig's default per model: dense 32, conv 128), so both do the same work
+        encoder, decoder = models.build_autoencoder(model, x.shape[1:], TrainConfig(model=model).latent_dim)
         autoencoder = models.chain(encoder, decoder)
         if noise_per_step:
             inputs = keras.Input(x.shape[1:])
