@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from training.distribute import configure_logical_devices
 
@@ -54,8 +55,30 @@ DEFAULT_POLICIES = ("float32", "mixed_bfloat16")
 BF16_CONV_GOAL = 1.15  # issue 16: mixed_bfloat16 conv at least 1.15x float32 conv on this CPU
 
 
+class Rate(NamedTuple):
+    """Images per second of wall time, and per second of this process's CPU time (user+sys, every
+    thread). On this shared VM the host's load moves the first by tens of percent between rounds
+    of the same row; the second moves much less, and it is what a busy machine would deliver."""
+    wall: float
+    cpu: float
+
+
+class Clock:
+    """Times a block in wall and process CPU seconds: `with Clock() as clock: ...; clock.rate(n)`."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+    def rate(self, images: int) -> Rate:
+        return Rate(images / self.wall, images / self.cpu)
+
+
 def fit_runner(x: np.ndarray, batch: int, model: str = "dense", policy: str = "float32",
-               noise_per_step: bool = True) -> Callable[[int], float]:
+               noise_per_step: bool = True) -> Callable[[int], Rate]:
     """Keras: Functional autoencoder, compile, fit on numpy arrays; under a mixed policy Keras'
     compile wraps the optimizer in a LossScaleOptimizer for float16 itself.
 
@@ -79,15 +102,15 @@ def fit_runner(x: np.ndarray, batch: int, model: str = "dense", policy: str = "f
         clean + NOISE * np.random.default_rng(0).normal(size=clean.shape), 0, 1).astype(np.float32)
     autoencoder.fit(noisy, clean, batch_size=batch, epochs=1, shuffle=True, verbose=0)  # warm-up: tracing
 
-    def timed(epochs: int) -> float:
-        started = time.perf_counter()
-        autoencoder.fit(noisy, clean, batch_size=batch, epochs=epochs, shuffle=True, verbose=0)
-        return epochs * (len(x) // batch) * batch / (time.perf_counter() - started)
+    def timed(epochs: int) -> Rate:
+        with Clock() as clock:
+            autoencoder.fit(noisy, clean, batch_size=batch, epochs=epochs, shuffle=True, verbose=0)
+        return clock.rate(epochs * (len(x) // batch) * batch)
     return timed
 
 
 def loop_runner(x: np.ndarray, batch: int, strategy, workdir: Path, model: str = "dense",
-                policy: str = "float32") -> Callable[[int], float]:
+                policy: str = "float32") -> Callable[[int], Rate]:
     """aekit's custom loop (strategy.run), the exact functions `aekit train` uses."""
     cfg = TrainConfig(model=model, batch_size=batch, noise_factor=NOISE, workdir=str(workdir), export=False,
                       precision=policy)
@@ -107,15 +130,15 @@ def loop_runner(x: np.ndarray, batch: int, strategy, workdir: Path, model: str =
 
     epoch()  # warm-up: tracing
 
-    def timed(epochs: int) -> float:
-        started = time.perf_counter()
-        for _ in range(epochs):
-            epoch()
-        return epochs * steps * batch / (time.perf_counter() - started)
+    def timed(epochs: int) -> Rate:
+        with Clock() as clock:
+            for _ in range(epochs):
+                epoch()
+        return clock.rate(epochs * steps * batch)
     return timed
 
 
-def pipeline_runner(x: np.ndarray | data.Split, batch: int) -> Callable[[int], float]:
+def pipeline_runner(x: np.ndarray | data.Split, batch: int) -> Callable[[int], Rate]:
     """The tf.data pipeline alone, as the trainer reads it (noise_in_step: the rows and their noise
     keys; the step draws the noise), pulled STEPS_PER_CALL batches per tf.function call as the
     trainer's loop does. Sustained: a fresh stream each round (no batches prefetched while the
@@ -123,7 +146,7 @@ def pipeline_runner(x: np.ndarray | data.Split, batch: int) -> Callable[[int], f
     warm-up is a small part of them."""
     seeds = itertools.count()
 
-    def timed(epochs: int) -> float:
+    def timed(epochs: int) -> Rate:
         iterator = iter(data.make_dataset(x, batch, noise_factor=NOISE, seed=next(seeds), noise_in_step=True))
 
         @tf.function
@@ -135,10 +158,10 @@ def pipeline_runner(x: np.ndarray | data.Split, batch: int) -> Callable[[int], f
             return last
 
         pull(tf.constant(STEPS_PER_CALL)).numpy()  # warm-up: tracing, first files opened
-        started = time.perf_counter()
-        for _ in range(PIPELINE_BATCHES // STEPS_PER_CALL):
-            pull(tf.constant(STEPS_PER_CALL)).numpy()
-        return PIPELINE_BATCHES * batch / (time.perf_counter() - started)
+        with Clock() as clock:
+            for _ in range(PIPELINE_BATCHES // STEPS_PER_CALL):
+                pull(tf.constant(STEPS_PER_CALL)).numpy()
+        return clock.rate(PIPELINE_BATCHES * batch)
     return timed
 
 
@@ -177,7 +200,7 @@ def trainer_peak_rss_mb(dataset: str, batch: int, workdir: Path) -> float:
     return peak / 2**20
 
 
-def core_runners(x: np.ndarray, batch: int, epochs: int, out: Path) -> dict[str, tuple[Callable[[int], float], int]]:
+def core_runners(x: np.ndarray, batch: int, epochs: int, out: Path) -> dict[str, tuple[Callable[[int], Rate], int]]:
     """The dense float32 rows: fit, the loop on 1 and 2 devices, the input pipeline alone."""
     shards = large_shards(out)
     mirrored = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")[:2]])
@@ -193,7 +216,7 @@ def core_runners(x: np.ndarray, batch: int, epochs: int, out: Path) -> dict[str,
 
 
 def precision_runners(x: np.ndarray, batch: int, epochs: int, out: Path,
-                      policies: list[str]) -> dict[str, tuple[Callable[[int], float], int]]:
+                      policies: list[str]) -> dict[str, tuple[Callable[[int], Rate], int]]:
     """fit and the loop for each model and precision. A conv epoch takes ~3 s here, so conv rows
     time one epoch per round where dense rows time `epochs`."""
     runners = {}
@@ -217,7 +240,7 @@ def precision_ratios(rows: dict[str, float], policies: list[str]) -> dict[str, f
     return ratios
 
 
-def measure_in_turns(runners: dict[str, tuple[Callable[[int], float], int]], rounds: int) -> dict[str, list[float]]:
+def measure_in_turns(runners: dict[str, tuple[Callable[[int], Rate], int]], rounds: int) -> dict[str, list[Rate]]:
     # Each row times ~1-3 s; one after the other they caught different moments of this machine's
     # drifting speed (loop / fit read 0.70 in one run, 1.31 in the next). So the rows take turns,
     # `rounds` times, and each reports its median.
@@ -240,19 +263,26 @@ def run(epochs: int = 3, batch: int = 128, output_dir: str = "bench-output", rou
     if "precision" in groups:
         runners.update(precision_runners(x, batch, epochs, out, policies))
     samples = measure_in_turns(runners, rounds)
-    rows = {name: float(np.median(values)) for name, values in samples.items()}
-    report = {"images_per_second": rows, "runs": samples, "global_batch": batch, "epochs_timed": epochs,
-              "rounds": rounds, "groups": list(groups)}
-    print(f"training throughput (images/s), same data and global batch per row; median of {rounds} rounds:")
+    rows = {name: float(np.median([r.wall for r in values])) for name, values in samples.items()}
+    cpu_rows = {name: float(np.median([r.cpu for r in values])) for name, values in samples.items()}
+    report = {"images_per_second": rows, "images_per_cpu_second": cpu_rows,
+              "runs": {name: [r.wall for r in values] for name, values in samples.items()},
+              "runs_cpu": {name: [r.cpu for r in values] for name, values in samples.items()},
+              "global_batch": batch, "epochs_timed": epochs, "rounds": rounds, "groups": list(groups)}
+    print(f"training throughput, same data and global batch per row; median of {rounds} rounds, images per "
+          "second of wall time | of the process's CPU time:")
     for name, value in rows.items():
-        print(f"  {name:32s} {value:10.0f}   (runs: {', '.join(f'{v:.0f}' for v in samples[name])})")
+        print(f"  {name:32s} {value:8.0f} | {cpu_rows[name]:6.0f}   "
+              f"(wall runs: {', '.join(f'{r.wall:.0f}' for r in samples[name])})")
     if "precision" in groups:
-        report["precision"] = precision_ratios(rows, policies)
-        print("  " + "   ".join(f"{k} {v:.2f}" for k, v in report["precision"].items()))
-        if "mixed_bfloat16" in policies and "float32" in policies:
-            print(f"  conv: mixed_bfloat16 / float32 loop {report['precision']['loop_conv_mixed_bfloat16_vs_float32']:.2f}"
-                  f" (goal >= {BF16_CONV_GOAL}), loop / fit >= 1 in every row: "
-                  f"{all(v >= 1 for k, v in report['precision'].items() if k.startswith('loop_vs_fit'))}")
+        for key, table, unit in (("precision", rows, "wall"), ("precision_cpu", cpu_rows, "CPU")):
+            report[key] = precision_ratios(table, policies)
+            print(f"  {unit}: " + "   ".join(f"{k} {v:.2f}" for k, v in report[key].items()))
+            if "mixed_bfloat16" in policies and "float32" in policies:
+                print(f"  {unit}: conv mixed_bfloat16 / float32 loop "
+                      f"{report[key]['loop_conv_mixed_bfloat16_vs_float32']:.2f} (goal >= {BF16_CONV_GOAL}), "
+                      f"loop / fit >= 1 in every row: "
+                      f"{all(v >= 1 for k, v in report[key].items() if k.startswith('loop_vs_fit'))}")
     if "core" in groups:
         report.update(core_report(rows, batch, out))
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
