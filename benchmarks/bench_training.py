@@ -1,7 +1,7 @@
-"""Training throughput, side by side in one run (images/s):
+"""Training throughput, side by side in one run (images per second of wall time and of CPU time):
 
     python -m benchmarks.bench_training            # or: make bench (both groups)
-    python -m benchmarks.bench_training --groups precision --rounds 15   # 3 min on 2 idle cores
+    python -m benchmarks.bench_training --groups precision --rounds 15   # 3-5 min on 2 cores
     python -m benchmarks.bench_training --groups precision --precisions float32 mixed_bfloat16 mixed_float16
     # core: Keras model.fit (noise drawn per step; and the seed blog's, noise drawn once) | aekit
     # loop, 1 device | aekit loop, 2 logical devices | the input pipeline alone, in memory and
@@ -10,11 +10,12 @@
     # precision: fit and aekit's loop for dense and conv in each precision; loop / fit per row
     # (goal >= 1) and mixed_bfloat16 / float32 (conv goal >= 1.15)
 
-Same data (mnist-sample, noise 0.4), global batch and step count for every row of a model, and
-the same work: fresh noise for every batch, drawn in the step (see fit_runner), except in the
+Same data (mnist-sample, noise 0.4), code size, global batch and step count for every row of a
+model, and the same work: fresh noise for every batch, drawn in the step (see fit_runner), except in the
 seed_blog_fit reference row.
 Timings on shared machines are noisy: read the ratios, which are measured in the same run, each
-row the median of rounds in which the rows take turns.
+row the median of rounds in which the rows take turns, and on a VM whose host is busy the CPU
+column (see Rate).
 """
 
 from __future__ import annotations
