@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -231,17 +232,41 @@ def test_evaluate_anomaly_streams_a_tfrecord_source_like_the_same_data_in_memory
     assert streamed == pytest.approx(in_memory)
 
 
-def test_normal_classes_on_a_streamed_source_is_refused_with_what_to_do(tmp_path):
+def test_normal_classes_of_a_streamed_source_are_written_once_and_streamed(tmp_path, capsys):
     convert.convert("mnist-sample", str(tmp_path / "shards"), shards=2)
-    cfg = TrainConfig(dataset=f"tfrecord:{tmp_path / 'shards'}", normal_classes="1", workdir=str(tmp_path / "run"))
-    with pytest.raises(ConfigError, match="filters in-memory sources only.*own TFRecord files"):
-        jobs.load_training_source(cfg)
-    with pytest.raises(ConfigError, match="filters in-memory sources only"):
-        jobs.train_job(cfg)
+    arrays = data.load_arrays("mnist-sample")
+    cfg = TrainConfig(dataset=f"tfrecord:{tmp_path / 'shards'}", normal_classes="1,7", workdir=str(tmp_path / "run"))
+    source = jobs.load_training_source(cfg)
+    copy = tmp_path / "run" / "normal-classes" / "local"
+    assert "writing the examples of class 1,7" in capsys.readouterr().out
+    assert not source.train.in_memory and set(source.train.files) <= {str(p) for p in copy.glob("train-*")}
+    for split, y in (("train", arrays.y_train), ("test", arrays.y_test)):
+        got = convert.labels(getattr(source, split))
+        assert len(got) == int(np.isin(y, [1, 7]).sum()) and set(got.tolist()) == {1, 7}
+    written = {p: p.stat().st_mtime_ns for p in copy.iterdir()}
+    jobs.load_training_source(cfg)  # the same source and classes: the copy is reused, not rewritten
+    assert "writing" not in capsys.readouterr().out and {p: p.stat().st_mtime_ns for p in copy.iterdir()} == written
+    (copy / "metadata.json").unlink()  # as a run killed while writing it leaves the copy
+    assert jobs.load_training_source(cfg).train.count == int(np.isin(arrays.y_train, [1, 7]).sum())
+    assert "writing" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"^--normal-classes 1,11: .* has no training examples of class 11"):
+        jobs.load_training_source(dataclasses.replace(cfg, normal_classes="1,11"))
+
+
+@pytest.mark.slow  # a smoke training run (~10 s)
+def test_train_normal_classes_on_a_streamed_source_trains_and_calibrates_on_those_classes(tmp_path, capsys):
+    convert.convert("mnist-sample", str(tmp_path / "shards"), shards=2)
+    cfg = TrainConfig(dataset=f"tfrecord:{tmp_path / 'shards'}", normal_classes="1", smoke=True,
+                      workdir=str(tmp_path / "run"), model_base_path=str(tmp_path / "models"))
+    jobs.train_job(cfg)
+    ones = int(np.sum(data.load_arrays("mnist-sample").y_test == 1))
+    assert f"of {ones} held-out normal examples" in capsys.readouterr().out  # calibrated on the 1s alone
+    report = anomaly.evaluate_anomaly(cfg.model_base_path, cfg.dataset, normal_classes="1")
+    assert report["normal_examples"] == ones and report["auroc"] > 0.5
 
 
 def test_normal_classes_filters_an_in_memory_source_with_its_counts():
-    source = anomaly.normal_source(labelled([1, 2, 1, 3], [2, 1, 3]).source("toy"), (1,), "toy")
+    source = anomaly.normal_source(labelled([1, 2, 1, 3], [2, 1, 3]).source("toy"), (1,), "toy", "unused")
     assert (source.train.count, source.test.count) == (2, 1) and source.train.y.tolist() == [1, 1]
 
 

@@ -4,9 +4,10 @@
     aekit evaluate --anomaly --model-base-path models/three --normal-classes 3 --json
     aekit evaluate --anomaly --model-base-path models/three --anomalies odd-images/
 
-`normal_source` keeps only the normal labels of a labelled in-memory source (for training and
-for the threshold's calibration; a streamed tfrecord:/tfds: source is refused with what to do,
-because its epoch length and shards are fixed by its files); `evaluate_anomaly` scores the held-out split of the latest exported
+`normal_source` keeps only the normal labels of a labelled source for training and for the
+threshold's calibration (in memory, or for a streamed tfrecord:/tfds: source, whose epoch length
+and shards are fixed by its files, as shards of their own written once under the workdir);
+`evaluate_anomaly` scores the held-out split of the latest exported
 version through its `score` signature's anomaly_score, the score its threshold is on (the
 normal classes against the rest, or the whole test split against a separate anomaly source) and reports AUROC and average precision, which need no
 threshold, and false-positive rate, recall, precision and F1 at the model's stored threshold.
@@ -14,14 +15,17 @@ threshold, and false-positive rate, recall, precision and F1 at the model's stor
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import numpy as np
 from sklearn import metrics
 
-from training import data
+from storage import paths
+from training import convert, data
 from training.config import ConfigError
 from training.evaluate import load_for_source
+from training.sources import METADATA_FILE
 
 SCORE_BATCH = 256
 
@@ -38,22 +42,39 @@ def parse_classes(text: str, flag: str = "--normal-classes") -> tuple[int, ...]:
     return classes
 
 
-def normal_source(source: data.Source, classes: Sequence[int], dataset: str) -> data.Source:
+def normal_source(source: data.Source, classes: Sequence[int], dataset: str, copy_dir: str,
+                  data_dir: str | None = None, download: bool = False) -> data.Source:
     """The source with only the examples of `classes`, for training and threshold calibration.
 
-    Only in-memory sources are filtered. A streamed split's example count, shards and input
-    groups come from its files; filtering inside the pipeline would change every epoch's length
-    and the per-worker shares, so such a source is refused with the command that writes the
-    normal classes to their own shards once (`aekit data convert --classes`), which stream.
+    An in-memory source is filtered in memory. A streamed split's example count, shards and
+    input groups come from its files (filtering inside the pipeline would change every epoch's
+    length and the per-worker shares), so the normal classes of a streamed source are written
+    once to their own shards in `copy_dir` (what `aekit data convert --classes` writes) and
+    streamed from there. A later run reuses that copy if it was made from the same source name,
+    classes and split counts, and rewrites it otherwise (also when a killed run left it unfinished).
     """
-    if not (source.train.in_memory and source.test.in_memory):
-        listed = ",".join(map(str, classes))
-        raise ConfigError(f"--normal-classes filters in-memory sources only, and {dataset} is streamed from "
-                          f"TFRecord files: write the normal classes to their own TFRecord files with `aekit data "
-                          f"convert --dataset {dataset} --output DIR --classes {listed}` and train on tfrecord:DIR "
-                          "without --normal-classes; evaluate --anomaly --normal-classes works on streamed sources")
-    arrays = data.Arrays(source.train.x, source.train.y, source.test.x, source.test.y)
-    return normal_split(arrays, classes, dataset).source(source.name)
+    if source.train.in_memory and source.test.in_memory:
+        arrays = data.Arrays(source.train.x, source.train.y, source.test.x, source.test.y)
+        return normal_split(arrays, classes, dataset).source(source.name)
+    check_classes({"training": convert.labels(source.train), "held-out": convert.labels(source.test)},
+                  classes, dataset)
+    if not _is_copy_of(copy_dir, dataset, classes, source):
+        if paths.exists(copy_dir):
+            paths.remove_tree(copy_dir)
+        print(f"writing the examples of class {','.join(map(str, classes))} of {dataset} to {copy_dir} "
+              "(once: a streamed source is filtered on disk)", flush=True)
+        convert.convert(dataset, copy_dir, data_dir=data_dir, download=download, classes=classes,
+                        flag="--normal-classes")
+    return data.load_source(f"tfrecord:{copy_dir}")
+
+
+def _is_copy_of(copy_dir: str, dataset: str, classes: Sequence[int], source: data.Source) -> bool:
+    metadata_path = paths.join(copy_dir, METADATA_FILE)  # written last: absent in an unfinished copy
+    if not paths.exists(metadata_path):
+        return False
+    metadata = json.loads(paths.read_text(metadata_path))
+    return (metadata.get("source") == dataset and metadata.get("classes") == sorted(int(c) for c in classes)
+            and metadata.get("source_counts") == {"train": source.train.count, "test": source.test.count})
 
 
 def normal_split(arrays: data.Arrays, classes: Sequence[int], dataset: str) -> data.Arrays:

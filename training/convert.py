@@ -32,11 +32,12 @@ READ_BATCH = 1024  # examples read from the source at a time
 
 
 def convert(dataset: str, output: str, shards: int = 8, data_dir: str | None = None,
-            download: bool = False, classes: Sequence[int] = ()) -> dict:
+            download: bool = False, classes: Sequence[int] = (), flag: str = "--classes") -> dict:
     """Writes `dataset` as shards under `output` and returns the metadata it wrote.
 
     classes: keep only the examples with these labels, in both splits (what `train
-    --normal-classes` does to an in-memory source, done once here for a streamed one).
+    --normal-classes` does to an in-memory source, done once for a streamed one: see
+    anomaly.normal_source); `flag` is what a refusal names.
     """
     if shards < 1:
         raise ConfigError(f"--shards must be at least 1, got {shards}")
@@ -44,7 +45,7 @@ def convert(dataset: str, output: str, shards: int = 8, data_dir: str | None = N
     if paths.exists(paths.join(output, METADATA_FILE)):
         raise ConfigError(f"{output} already holds a converted dataset ({METADATA_FILE}); choose an empty folder")
     source = data.load_source(dataset, data_dir, download)
-    kept = _kept_counts(source, classes, dataset) if classes else {}
+    kept = _kept_counts(source, classes, dataset, flag) if classes else {}
     wanted = {"train": shards, "test": max(1, shards // 4)}
     splits = {name: _write_split(getattr(source, name), output, name, min(count, kept.get(name, count)), classes)
               for name, count in wanted.items()}
@@ -52,14 +53,14 @@ def convert(dataset: str, output: str, shards: int = 8, data_dir: str | None = N
     fmt = records.RecordFormat("image" if first.dtype == "uint8" else "vector", tuple(source.input_shape))
     metadata = {"format_version": FORMAT_VERSION, "source": dataset, "format": fmt.to_json(),
                 "shape": list(source.input_shape), "dtype": str(first.dtype), "split_seed": SPLIT_SEED,
-                "splits": splits}
+                "source_counts": {"train": source.train.count, "test": source.test.count}, "splits": splits}
     if classes:
         metadata["classes"] = sorted(int(c) for c in classes)
     paths.write_text(paths.join(output, METADATA_FILE), json.dumps(metadata, indent=1) + "\n")
     return metadata
 
 
-def _kept_counts(source, classes: Sequence[int], dataset: str) -> dict[str, int]:
+def _kept_counts(source, classes: Sequence[int], dataset: str, flag: str) -> dict[str, int]:
     """The examples of `classes` in each split, from the labels alone (one pass, before writing:
     a split gets no more shards than examples); refused if a class has none in a split."""
     kept = {}
@@ -70,7 +71,7 @@ def _kept_counts(source, classes: Sequence[int], dataset: str) -> dict[str, int]
             kept[name] += int(np.isin(y, classes).sum())
         missing = [c for c in classes if c not in present]
         if missing:
-            raise ConfigError(f"--classes {','.join(map(str, classes))}: {dataset} has no {name} examples of "
+            raise ConfigError(f"{flag} {','.join(map(str, classes))}: {dataset} has no {name} examples of "
                               f"class {missing[0]} (its labels are {', '.join(map(str, sorted(present)))})")
     return kept
 
@@ -96,6 +97,11 @@ def _write_split(split: Split, output: str, name: str, shards: int, classes: Seq
         for writer in writers:
             writer.close()
     return {"count": sum(counts), "shards": [{"file": f, "count": c} for f, c in zip(files, counts)]}
+
+
+def labels(split: Split) -> np.ndarray:
+    """Every label of a split, in order, without decoding its examples (one pass over a streamed split)."""
+    return np.concatenate([y for _, y in _batches(split, labels_only=True)])
 
 
 def _batches(split: Split, labels_only: bool = False):

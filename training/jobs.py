@@ -42,7 +42,7 @@ def train_job(cfg: TrainConfig) -> dict:
     strategy = distribute.make_strategy(cfg.num_logical_devices, cfg.collective, cfg.collective_timeout_seconds,
                                         cfg.rendezvous_timeout_seconds)
     check_paths(cfg, exporting=cfg.export and distribute.is_chief(strategy))
-    source = load_training_source(cfg)
+    source = load_training_source(cfg, distribute.task_of(tf_config))
     with train.StopSignal() as stop:  # from here on a SIGTERM stops the job where it is
         state, history = train.train_and_evaluate(cfg, source, strategy, stop)
         result = {"workdir": cfg.workdir, "step": int(state.step.numpy()), "task": distribute.task_name(strategy),
@@ -61,7 +61,7 @@ def finished_job(cfg: TrainConfig, tf_config: dict | None, step: int) -> dict:
     result = {"workdir": cfg.workdir, "step": step, "task": task, "complete": True}
     if chief and cfg.export:
         check_paths(cfg, exporting=True)
-        source = load_training_source(cfg)
+        source = load_training_source(cfg, task)
         with train.StopSignal() as stop:
             state = train.build_state(cfg, source.input_shape, tf.distribute.get_strategy())
             _stop_if_asked(stop, step)
@@ -92,12 +92,15 @@ def check_paths(cfg: TrainConfig, exporting: bool) -> None:
         paths.check_writable(cfg.model_base_path, "--model-base-path")
 
 
-def load_training_source(cfg: TrainConfig) -> data.Source:
-    """The data source, with only the normal classes when cfg.normal_classes names some."""
+def load_training_source(cfg: TrainConfig, task: str = "local") -> data.Source:
+    """The data source, with only the normal classes when cfg.normal_classes names some (a
+    streamed source's are written once under the workdir, one copy per worker: `task`)."""
     source = data.load_source(cfg.dataset, cfg.data_dir, cfg.download)
     if not cfg.normal_classes:
         return source
-    return anomaly.normal_source(source, anomaly.parse_classes(cfg.normal_classes), cfg.dataset)
+    copy_dir = paths.join(cfg.workdir, "normal-classes", task)
+    return anomaly.normal_source(source, anomaly.parse_classes(cfg.normal_classes), cfg.dataset, copy_dir,
+                                 cfg.data_dir, cfg.download)
 
 
 def weights_fingerprint(state: train.TrainState) -> str:
