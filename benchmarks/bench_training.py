@@ -59,7 +59,8 @@ BF16_CONV_GOAL = 1.15  # issue 16: mixed_bfloat16 conv at least 1.15x float32 co
 class Rate(NamedTuple):
     """Images per second of wall time, and per second of this process's CPU time (user+sys, every
     thread). On this shared VM the host's load moves the first by tens of percent between rounds
-    of the same row; the second moves much less, and it is what a busy machine would deliver."""
+    of the same row; the second moves much less. It is not throughput: a row that keeps fewer
+    cores busy spends less CPU per second of wall time, so read both."""
     wall: float
     cpu: float
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from scipy import ndimage
 
-from training import anomaly, convert, data, export, jobs, models, scoring
+from training import anomaly, convert, data, export, jobs, models, scoring, train
 from training.config import ConfigError, TrainConfig
 from training.evaluate import latest_version_dir
 
@@ -124,6 +125,18 @@ def test_stored_statistics_equal_numpys_on_the_training_codes(small_export):
     radius = int(4.0 * scoring.BLUR_SIGMA + 0.5)  # scipy's truncate=4.0
     line = np.exp(-0.5 * (np.arange(-radius, radius + 1) / scoring.BLUR_SIGMA) ** 2)
     np.testing.assert_allclose(stored["blur_kernel"], np.outer(line, line) / line.sum() ** 2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8, 3), (3, 3, 7, 2), (2, 2, 2, 1)])
+def test_blurred_error_is_the_mean_of_the_largest_twentieth_of_values_per_channel(shape):
+    rng = np.random.default_rng(0)
+    images, reconstruction = rng.random(shape, np.float32), rng.random(shape, np.float32)
+    got = scoring.blurred_error(images, reconstruction, tf.constant(scoring.gaussian_kernel())).numpy()
+    smooth = ndimage.gaussian_filter((reconstruction - images).astype(np.float64), (0, scoring.BLUR_SIGMA,
+                                     scoring.BLUR_SIGMA, 0), mode="constant", truncate=4.0)
+    squares = np.square(smooth).reshape(shape[0], -1)
+    peak = -(-squares.shape[1] // scoring.PEAK_SHARE)  # 10 of 192 values, 3 of 42, 1 of 4
+    np.testing.assert_allclose(got, np.sort(squares, axis=1)[:, -peak:].mean(axis=1), rtol=1e-5)
 
 
 def test_served_combined_score_equals_a_numpy_computation(small_export):
@@ -249,8 +262,35 @@ def test_normal_classes_of_a_streamed_source_are_written_once_and_streamed(tmp_p
     (copy / "metadata.json").unlink()  # as a run killed while writing it leaves the copy
     assert jobs.load_training_source(cfg).train.count == int(np.isin(arrays.y_train, [1, 7]).sum())
     assert "writing" in capsys.readouterr().out
+    ones = jobs.load_training_source(dataclasses.replace(cfg, normal_classes="1"))  # other classes: rewritten
+    assert "the copy there holds class 1,7" in capsys.readouterr().out
+    assert set(convert.labels(ones.train).tolist()) == {1}
     with pytest.raises(ConfigError, match=r"^--normal-classes 1,11: .* has no training examples of class 11"):
         jobs.load_training_source(dataclasses.replace(cfg, normal_classes="1,11"))
+    with pytest.raises(ConfigError, match="is the normal-classes copy of an earlier run"):  # would delete itself
+        jobs.load_training_source(dataclasses.replace(cfg, dataset=f"tfrecord:{copy}", normal_classes="7"))
+    assert (copy / "metadata.json").exists()
+
+
+def test_a_sigterm_while_writing_the_copy_stops_before_anything_is_trained(tmp_path):
+    convert.convert("mnist-sample", str(tmp_path / "shards"), shards=2)
+    cfg = TrainConfig(dataset=f"tfrecord:{tmp_path / 'shards'}", normal_classes="3", workdir=str(tmp_path / "run"))
+    stop = train.StopSignal()
+    stop.requested = True  # as its SIGTERM handler sets it
+    with pytest.raises(train.Preempted, match="while writing the normal classes"):
+        jobs.load_training_source(cfg, None, stop)
+    assert not (tmp_path / "run" / "normal-classes" / "local" / "metadata.json").exists()
+
+
+def test_a_re_converted_source_makes_the_copy_stale(tmp_path, capsys):
+    convert.convert("mnist-sample", str(tmp_path / "shards"), shards=2)
+    cfg = TrainConfig(dataset=f"tfrecord:{tmp_path / 'shards'}", normal_classes="3", workdir=str(tmp_path / "run"))
+    jobs.load_training_source(cfg)
+    capsys.readouterr()
+    shutil.rmtree(tmp_path / "shards")
+    convert.convert("mnist-sample", str(tmp_path / "shards"), shards=3)  # the same examples, other files
+    jobs.load_training_source(cfg)
+    assert "made from other source files" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # a smoke training run (~10 s)

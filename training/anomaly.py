@@ -15,10 +15,13 @@ threshold, and false-positive rate, recall, precision and F1 at the model's stor
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 
 import numpy as np
+import tensorflow as tf
 from sklearn import metrics
 
 from storage import paths
@@ -43,38 +46,71 @@ def parse_classes(text: str, flag: str = "--normal-classes") -> tuple[int, ...]:
 
 
 def normal_source(source: data.Source, classes: Sequence[int], dataset: str, copy_dir: str,
-                  data_dir: str | None = None, download: bool = False) -> data.Source:
+                  shards: int = 8, check_stop: Callable[[], None] | None = None) -> data.Source:
     """The source with only the examples of `classes`, for training and threshold calibration.
 
-    An in-memory source is filtered in memory. A streamed split's example count, shards and
-    input groups come from its files (filtering inside the pipeline would change every epoch's
-    length and the per-worker shares), so the normal classes of a streamed source are written
-    once to their own shards in `copy_dir` (what `aekit data convert --classes` writes) and
-    streamed from there. A later run reuses that copy if it was made from the same source name,
-    classes and split counts, and rewrites it otherwise (also when a killed run left it unfinished).
+    An in-memory source is filtered in memory. A streamed source cannot be filtered inside the
+    pipeline: its files fix every epoch's length and each worker's share. So its normal classes
+    are written once, as `shards` TFRecord shards in `copy_dir` (what `aekit data convert
+    --classes` writes), and streamed from there. A later run reuses the copy if it holds the
+    same classes of the same source files (name, size and modification time of each), and
+    rewrites it otherwise, also when a killed run left it unfinished.
     """
     if source.train.in_memory and source.test.in_memory:
         arrays = data.Arrays(source.train.x, source.train.y, source.test.x, source.test.y)
         return normal_split(arrays, classes, dataset).source(source.name)
-    check_classes({"training": convert.labels(source.train), "held-out": convert.labels(source.test)},
-                  classes, dataset)
-    if not _is_copy_of(copy_dir, dataset, classes, source):
-        if paths.exists(copy_dir):
-            paths.remove_tree(copy_dir)
+    origin = {"classes": sorted(int(c) for c in classes), "source_files_sha256": _files_fingerprint(source)}
+    reason = _why_not_reusable(copy_dir, dataset, origin)
+    if reason:
+        if any(_same_folder(copy_dir, name.rsplit("/", 1)[0]) for name in source.train.files):
+            raise ConfigError(f"--dataset {dataset} is the normal-classes copy of an earlier run; train on the "
+                              "original source with --normal-classes, or on this copy without it")
+        check_classes({"training": convert.labels(source.train), "held-out": convert.labels(source.test)},
+                      classes, dataset)
         print(f"writing the examples of class {','.join(map(str, classes))} of {dataset} to {copy_dir} "
-              "(once: a streamed source is filtered on disk)", flush=True)
-        convert.convert(dataset, copy_dir, data_dir=data_dir, download=download, classes=classes,
-                        flag="--normal-classes")
+              f"({reason}; a streamed source is filtered on disk, once)", flush=True)
+        _remove_copy(copy_dir)
+        convert.convert(dataset, copy_dir, shards, classes=classes, source=source,
+                        flags=("--normal-classes", "--workdir"), extra=origin, check_stop=check_stop)
     return data.load_source(f"tfrecord:{copy_dir}")
 
 
-def _is_copy_of(copy_dir: str, dataset: str, classes: Sequence[int], source: data.Source) -> bool:
+def _same_folder(a: str, b: str) -> bool:
+    if paths.is_local(a) and paths.is_local(b):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def _files_fingerprint(source: data.Source) -> str:
+    """A digest of the source's files by name, size and modification time: a re-converted or
+    replaced source reads as another one, without reading its contents."""
+    digest = hashlib.sha256()
+    for name in sorted(source.train.files + source.test.files):
+        stat = tf.io.gfile.stat(name)
+        digest.update(f"{name}\0{stat.length}\0{stat.mtime_nsec}\n".encode())
+    return digest.hexdigest()
+
+
+def _why_not_reusable(copy_dir: str, dataset: str, origin: dict) -> str:
+    """'' when copy_dir holds a finished copy of `origin`; else what is missing or different."""
     metadata_path = paths.join(copy_dir, METADATA_FILE)  # written last: absent in an unfinished copy
     if not paths.exists(metadata_path):
-        return False
+        return "no finished copy there yet"
     metadata = json.loads(paths.read_text(metadata_path))
-    return (metadata.get("source") == dataset and metadata.get("classes") == sorted(int(c) for c in classes)
-            and metadata.get("source_counts") == {"train": source.train.count, "test": source.test.count})
+    if metadata.get("classes") != origin["classes"]:
+        return f"the copy there holds class {','.join(map(str, metadata.get('classes') or []))}"
+    if metadata.get("source") != dataset or metadata.get("source_files_sha256") != origin["source_files_sha256"]:
+        return "the copy there was made from other source files"
+    return ""
+
+
+def _remove_copy(copy_dir: str) -> None:
+    """metadata.json first: a removal cut short must not leave a folder that reads as a finished copy."""
+    metadata_path = paths.join(copy_dir, METADATA_FILE)
+    if paths.exists(metadata_path):
+        tf.io.gfile.remove(metadata_path)
+    if paths.exists(copy_dir):
+        paths.remove_tree(copy_dir)
 
 
 def normal_split(arrays: data.Arrays, classes: Sequence[int], dataset: str) -> data.Arrays:

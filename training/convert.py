@@ -16,7 +16,7 @@ a folder without it is an unfinished conversion and is not read as a dataset.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -25,35 +25,39 @@ from tqdm import tqdm
 from storage import paths
 from training import data, records
 from training.config import ConfigError
-from training.sources import METADATA_FILE, SPLIT_SEED, Split
+from training.sources import METADATA_FILE, SPLIT_SEED, Source, Split
 
 FORMAT_VERSION = "aekit-tfrecord-1"
 READ_BATCH = 1024  # examples read from the source at a time
 
 
 def convert(dataset: str, output: str, shards: int = 8, data_dir: str | None = None,
-            download: bool = False, classes: Sequence[int] = (), flag: str = "--classes") -> dict:
+            download: bool = False, classes: Sequence[int] = (), *, source: Source | None = None,
+            flags: tuple[str, str] = ("--classes", "--output"), extra: dict | None = None,
+            check_stop: Callable[[], None] | None = None) -> dict:
     """Writes `dataset` as shards under `output` and returns the metadata it wrote.
 
     classes: keep only the examples with these labels, in both splits (what `train
     --normal-classes` does to an in-memory source, done once for a streamed one: see
-    anomaly.normal_source); `flag` is what a refusal names.
+    anomaly.normal_source, which passes the `source` it loaded, the `flags` its refusals name,
+    `extra` metadata and a `check_stop` called between batches that raises to stop).
     """
     if shards < 1:
         raise ConfigError(f"--shards must be at least 1, got {shards}")
-    output = paths.check_writable(output, "--output")
+    output = paths.check_writable(output, flags[1])
     if paths.exists(paths.join(output, METADATA_FILE)):
         raise ConfigError(f"{output} already holds a converted dataset ({METADATA_FILE}); choose an empty folder")
-    source = data.load_source(dataset, data_dir, download)
-    kept = _kept_counts(source, classes, dataset, flag) if classes else {}
+    source = source or data.load_source(dataset, data_dir, download)
+    kept = _kept_counts(source, classes, dataset, flags[0]) if classes else {}
     wanted = {"train": shards, "test": max(1, shards // 4)}
-    splits = {name: _write_split(getattr(source, name), output, name, min(count, kept.get(name, count)), classes)
+    splits = {name: _write_split(getattr(source, name), output, name, min(count, kept.get(name, count)), classes,
+                                 check_stop)
               for name, count in wanted.items()}
     first = next(_batches(source.train))[0][:1]
     fmt = records.RecordFormat("image" if first.dtype == "uint8" else "vector", tuple(source.input_shape))
     metadata = {"format_version": FORMAT_VERSION, "source": dataset, "format": fmt.to_json(),
                 "shape": list(source.input_shape), "dtype": str(first.dtype), "split_seed": SPLIT_SEED,
-                "source_counts": {"train": source.train.count, "test": source.test.count}, "splits": splits}
+                "splits": splits, **(extra or {})}
     if classes:
         metadata["classes"] = sorted(int(c) for c in classes)
     paths.write_text(paths.join(output, METADATA_FILE), json.dumps(metadata, indent=1) + "\n")
@@ -76,7 +80,8 @@ def _kept_counts(source, classes: Sequence[int], dataset: str, flag: str) -> dic
     return kept
 
 
-def _write_split(split: Split, output: str, name: str, shards: int, classes: Sequence[int] = ()) -> dict:
+def _write_split(split: Split, output: str, name: str, shards: int, classes: Sequence[int] = (),
+                 check_stop: Callable[[], None] | None = None) -> dict:
     shards = min(shards, split.count)
     files = [f"{name}-{i:05d}-of-{shards:05d}.tfrecord" for i in range(shards)]
     counts = [0] * shards
@@ -85,6 +90,8 @@ def _write_split(split: Split, output: str, name: str, shards: int, classes: Seq
         with tqdm(total=split.count, desc=f"converting {name}", unit="example", disable=None) as bar:
             j = 0
             for x, y in _batches(split):
+                if check_stop:
+                    check_stop()
                 bar.update(len(x))
                 if classes:
                     keep = np.isin(y, classes)

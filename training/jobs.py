@@ -42,8 +42,8 @@ def train_job(cfg: TrainConfig) -> dict:
     strategy = distribute.make_strategy(cfg.num_logical_devices, cfg.collective, cfg.collective_timeout_seconds,
                                         cfg.rendezvous_timeout_seconds)
     check_paths(cfg, exporting=cfg.export and distribute.is_chief(strategy))
-    source = load_training_source(cfg, distribute.task_of(tf_config))
     with train.StopSignal() as stop:  # from here on a SIGTERM stops the job where it is
+        source = load_training_source(cfg, tf_config, stop)
         state, history = train.train_and_evaluate(cfg, source, strategy, stop)
         result = {"workdir": cfg.workdir, "step": int(state.step.numpy()), "task": distribute.task_name(strategy),
                   "weights_sha256": weights_fingerprint(state), **(history[-1] if history else {})}
@@ -61,8 +61,8 @@ def finished_job(cfg: TrainConfig, tf_config: dict | None, step: int) -> dict:
     result = {"workdir": cfg.workdir, "step": step, "task": task, "complete": True}
     if chief and cfg.export:
         check_paths(cfg, exporting=True)
-        source = load_training_source(cfg, task)
         with train.StopSignal() as stop:
+            source = load_training_source(cfg, tf_config, stop)
             state = train.build_state(cfg, source.input_shape, tf.distribute.get_strategy())
             _stop_if_asked(stop, step)
             result["weights_sha256"] = weights_fingerprint(state)
@@ -92,15 +92,25 @@ def check_paths(cfg: TrainConfig, exporting: bool) -> None:
         paths.check_writable(cfg.model_base_path, "--model-base-path")
 
 
-def load_training_source(cfg: TrainConfig, task: str = "local") -> data.Source:
-    """The data source, with only the normal classes when cfg.normal_classes names some (a
-    streamed source's are written once under the workdir, one copy per worker: `task`)."""
+def load_training_source(cfg: TrainConfig, tf_config: dict | None = None,
+                         stop: train.StopSignal | None = None) -> data.Source:
+    """The data source; with cfg.normal_classes, only those classes.
+
+    A streamed source's normal classes are written to WORKDIR/normal-classes/TASK, one copy per
+    worker (workers need not share storage), with at least one train shard per worker. A SIGTERM
+    (`stop`) ends the writing between batches.
+    """
     source = data.load_source(cfg.dataset, cfg.data_dir, cfg.download)
     if not cfg.normal_classes:
         return source
-    copy_dir = paths.join(cfg.workdir, "normal-classes", task)
+    copy_dir = paths.join(cfg.workdir, "normal-classes", distribute.task_of(tf_config))
+
+    def check_stop():
+        if stop is not None and stop.requested:
+            raise train.Preempted("stopped by SIGTERM while writing the normal classes; nothing is trained yet, "
+                                  "rerun to write them again")
     return anomaly.normal_source(source, anomaly.parse_classes(cfg.normal_classes), cfg.dataset, copy_dir,
-                                 cfg.data_dir, cfg.download)
+                                 max(8, distribute.num_workers(tf_config)), check_stop)
 
 
 def weights_fingerprint(state: train.TrainState) -> str:

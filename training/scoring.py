@@ -5,8 +5,9 @@ latent Mahalanobis distance, both fitted on the training split's codes and error
     outputs = score_outputs(images, codes, reconstruction, stats_variables)  # in the signature
 
 combined = log(latent_distance / its training median) + log(blurred_error / its training median),
-where blurred_error is the mean of the largest 1/20 of the squared blurred residual: an anomaly is
-local (a stroke missing or out of place), and a mean over every pixel dilutes it. Each term divided by its median so neither dominates by its units, logs so that a code far from
+where blurred_error is the mean of the largest 1/20 of the squared blurred residual's values: an
+anomaly is local (a stroke missing or out of place), and a mean over every pixel dilutes it. Each
+term divided by its median so neither dominates by its units, logs so that a code far from
 the training codes and a residual with strokes out of place both count as factors, not sums.
 The same TF functions compute the served outputs and, eagerly, the scores the threshold is
 calibrated on, so the two cannot disagree.
@@ -26,8 +27,8 @@ BLUR_SIGMA = 1.0  # pixels: forgives strokes a pixel off; 0.5/0.7/1.0 swept in b
 BLUR_TRUNCATE = 4.0  # kernel radius in sigmas, as scipy.ndimage.gaussian_filter
 SHRINKAGE = 1e-4  # ridge on the codes' covariance, as a fraction of its mean variance (128 dims, ~400 codes);
 #                   1e-4..1e-1 swept in benchmarks/bench_one_class.py, larger is worse
-PEAK_SHARE = 20  # blurred_error averages the largest 1/20 of the pixels (rounded up; 40 of 784); 10/39/78
-#                  of 784 swept in benchmarks/bench_one_class.py (all better than the mean over all 784)
+PEAK_SHARE = 20  # blurred_error averages the largest 1/20 of the values (pixels x channels, rounded up:
+#                  40 of 784); 10/39/78 of 784 swept in benchmarks/bench_one_class.py (all better than the mean over all 784)
 TINY = 1e-12  # floor under both terms before the log: a perfect reconstruction is not -inf
 
 
