@@ -45,6 +45,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="global batch size")
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--lr-schedule", help="constant | cosine (decay to 0 over the run)")
+    p.add_argument("--augment-shift", type=int, metavar="PIXELS",
+                   help="move each training image by up to this many whole pixels in x and y (default 0: off)")
     p.add_argument("--quantization-noise", action="store_true", default=None,
                    help="train through uniform noise of one 8-bit step on the code (codes that survive a byte each)")
     p.add_argument("--latent-bound", help="conv code activation: none | sigmoid | tanh")

@@ -167,7 +167,8 @@ def main() -> None:
     parser.add_argument("--preset", choices=PRESETS, help="start from training/config.py's settings per size")
     defaults = TrainConfig()
     for name in ("model", "epochs", "batch_size", "learning_rate", "lr_schedule", "latent_bound", "conv_widths",
-                 "residual_blocks", "decoder_widths", "refine_convs", "linear_skip", "noise_factor", "loss", "seed"):
+                 "residual_blocks", "decoder_widths", "refine_convs", "linear_skip", "noise_factor", "loss", "seed",
+                 "augment_shift"):
         # None: only the flags given override the preset and TrainConfig's defaults
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(getattr(defaults, name)))
     parser.add_argument("--quantization-noise", action="store_true", default=None)

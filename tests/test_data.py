@@ -10,8 +10,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from training import data, records
-from training.config import ConfigError
+from training import data, records, train
+from training.config import ConfigError, TrainConfig
 
 
 def test_mnist_sample_split_is_fixed_4000_1000_and_shuffled():
@@ -332,3 +332,28 @@ def test_convert_vectors_to_ram_and_a_glob_source(tmp_path):
     assert source.input_shape == (6,) and source.train.count == 40
     glob = data.load_source("tfrecord:ram://converted/tab/train-*.tfrecord")  # split by file
     assert glob.train.count + glob.test.count == 40 and len(glob.test.files) == 1
+
+
+def test_random_shift_moves_each_image_by_whole_pixels_alike_on_any_split():
+    rows = 400
+    dot = np.zeros((rows, 9, 9, 1), np.float32)
+    dot[:, 4, 4, 0] = 1.0  # one lit pixel: where it lands is the shift
+    moved = data.random_shift(tf.constant(dot), data.noise_keys(7, tf.constant(3), 0, rows), 2).numpy()
+    assert np.all(moved.sum(axis=(1, 2, 3)) == 1.0)  # moved whole, not interpolated or lost
+    offsets = np.array([np.argwhere(m[..., 0] == 1.0)[0] for m in moved]) - 4
+    for axis in (0, 1):
+        values, counts = np.unique(offsets[:, axis], return_counts=True)
+        assert values.tolist() == [-2, -1, 0, 1, 2] and counts.min() > rows / 5 * 0.6  # all five, about evenly
+    # rows 100..109 drawn alone (as on a replica that holds them) move as in the whole batch
+    part = data.random_shift(tf.constant(dot[100:110]), data.noise_keys(7, tf.constant(3), 100, 10), 2).numpy()
+    np.testing.assert_array_equal(part, moved[100:110])
+
+
+def test_augment_shift_is_refused_out_of_range_and_on_vectors(tmp_path):
+    with pytest.raises(ConfigError, match="--augment-shift must be 0 to 8 pixels, got 9"):
+        TrainConfig(augment_shift=9)
+    np.save(tmp_path / "rows.npy", np.random.default_rng(0).random((64, 6)).astype(np.float32))
+    cfg = TrainConfig(dataset=str(tmp_path / "rows.npy"), model="dense", augment_shift=1, epochs=1, batch_size=16,
+                      workdir=str(tmp_path / "run"), export=False)
+    with pytest.raises(ConfigError, match=r"--augment-shift moves images; this data has shape \(6,\)"):
+        train.train_and_evaluate(cfg)

@@ -52,6 +52,7 @@ class TrainConfig:
     batch_size: int = 64  # GLOBAL batch: split across replicas and workers, same meaning everywhere
     learning_rate: float = 2e-3  # Adam; conv reaches test MSE < 0.005 in 10 epochs on mnist-sample
     lr_schedule: str = "constant"  # constant | cosine (decays to 0 over all epochs' steps)
+    augment_shift: int = 0  # >0: each training image moved by up to this many whole pixels in x and y (images only)
     quantization_noise: bool = False  # train through U(-0.5, 0.5) of one 8-bit step on the code (models.QuantizationNoise)
     latent_bound: str = "none"  # conv code activation: none (linear) | sigmoid | tanh (fixed range)
     conv_widths: str = "32,64"  # conv filters per strided stage, comma-separated; each stage halves the image
@@ -107,6 +108,8 @@ class TrainConfig:
         self.decoder_stage_widths  # noqa: B018 -- likewise --decoder-widths
         if self.refine_convs < 0:
             raise ConfigError(f"--refine-convs must be 0 or more, got {self.refine_convs}")
+        if not 0 <= self.augment_shift <= 8:
+            raise ConfigError(f"--augment-shift must be 0 to 8 pixels, got {self.augment_shift}")
         if self.residual_blocks < 0:
             raise ConfigError(f"--residual-blocks must be 0 or more, got {self.residual_blocks}")
         self.profile_range  # noqa: B018 -- parses, so a bad --profile-steps fails before training

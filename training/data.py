@@ -121,13 +121,38 @@ def noise_keys(seed: int, batch_index: tf.Tensor, first_row: int, rows: tf.Tenso
     return tf.concat([head, (tf.cast(first_row, tf.int64) + tf.range(rows))[:, None]], axis=1)
 
 
-def add_noise(keys: tf.Tensor, stored: tf.Tensor, noise_factor: float) -> tuple[tf.Tensor, tf.Tensor]:
-    """(noisy, clean) float32 in [0, 1] from rows as stored and their `noise_keys`."""
+def add_noise(keys: tf.Tensor, stored: tf.Tensor, noise_factor: float,
+              max_shift: int = 0) -> tuple[tf.Tensor, tf.Tensor]:
+    """(noisy, clean) float32 in [0, 1] from rows as stored and their `noise_keys`; with
+    max_shift, both are the image moved by random whole pixels (random_shift)."""
     clean = scale_to_unit(stored)
+    if max_shift > 0:
+        clean = random_shift(clean, keys, max_shift)
     if noise_factor <= 0:
         return clean, clean
     noise = gaussian_noise(tf.shape(clean), keys[0, :2], first_row=keys[0, 2])
     return tf.clip_by_value(clean + noise_factor * noise, 0.0, 1.0), clean
+
+
+def random_shift(images: tf.Tensor, keys: tf.Tensor, max_shift: int) -> tf.Tensor:
+    """Each image [rows, H, W, C] moved by dx, dy whole pixels, each uniform in [-max_shift,
+    max_shift], zeros moved in: augmentation for a small training set.
+
+    The shifts come from the rows' own Philox stream, like the noise (seed pair (seed, -1 - batch
+    index), which no noise stream uses), so any split of a batch over replicas and workers moves
+    every image exactly as one device would.
+    """
+    rows = tf.shape(images)[0]
+    normal = gaussian_noise(tf.stack([rows, 2]), tf.stack([keys[0, 0], -1 - keys[0, 1]]), first_row=keys[0, 2])
+    uniform = 0.5 * (1.0 + tf.math.erf(normal / math.sqrt(2.0)))  # the normal CDF: uniform in (0, 1)
+    span = 2 * max_shift + 1
+    steps = tf.minimum(tf.floor(uniform * span), span - 1) - max_shift  # [rows, 2] integers (dx, dy)
+    ones, zeros = tf.ones([rows, 1]), tf.zeros([rows, 1])
+    # output pixel (x, y) reads input pixel (x - dx, y - dy)
+    transforms = tf.concat([ones, zeros, -steps[:, :1], zeros, ones, -steps[:, 1:], zeros, zeros], axis=1)
+    return tf.raw_ops.ImageProjectiveTransformV3(images=images, transforms=transforms,
+                                                 output_shape=tf.shape(images)[1:3], fill_value=0.0,
+                                                 interpolation="NEAREST", fill_mode="CONSTANT")
 
 
 def gaussian_noise(shape: tf.Tensor, seed: tf.Tensor, first_row: int | tf.Tensor = 0) -> tf.Tensor:
