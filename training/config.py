@@ -29,8 +29,9 @@ DEFAULT_LATENT_DIM = {"dense": 32, "conv": 128}
 # dimension), chosen by measurement in benchmarks/bench_codes.py (held-out mnist-sample, table in
 # its docstring). `aekit train --preset compression --latent-dim N` and the rate-distortion
 # benchmark train with these; the defaults above stay what the demo's denoiser and anomaly use.
+# augment_shift 1: random 1-pixel moves cut the overfitting of 4,000 images (32 B: 23.02 -> 24.37 dB).
 _COMPRESSION_BASE = {"loss": "mse", "batch_size": 16, "learning_rate": 1e-3, "lr_schedule": "cosine",
-                     "refine_convs": 1, "linear_skip": "decoder"}
+                     "refine_convs": 1, "linear_skip": "decoder", "augment_shift": 1}
 COMPRESSION_SETTINGS: dict[int, dict] = {latent: {**_COMPRESSION_BASE, "epochs": epochs}
                                          for latent, epochs in ((16, 30), (32, 40), (64, 30), (128, 50))}
 PRESETS = ("compression",)
