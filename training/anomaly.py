@@ -59,19 +59,20 @@ def normal_source(source: data.Source, classes: Sequence[int], dataset: str, cop
     if source.train.in_memory and source.test.in_memory:
         arrays = data.Arrays(source.train.x, source.train.y, source.test.x, source.test.y)
         return normal_split(arrays, classes, dataset).source(source.name)
-    origin = {"classes": sorted(int(c) for c in classes), "source_files_sha256": _files_fingerprint(source)}
-    reason = _why_not_reusable(copy_dir, dataset, origin)
+    fingerprint = _files_fingerprint(source)
+    reason = _why_not_reusable(copy_dir, dataset, classes, fingerprint)
     if reason:
         if any(_same_folder(copy_dir, name.rsplit("/", 1)[0]) for name in source.train.files):
             raise ConfigError(f"--dataset {dataset} is the normal-classes copy of an earlier run; train on the "
                               "original source with --normal-classes, or on this copy without it")
-        check_classes({"training": convert.labels(source.train), "held-out": convert.labels(source.test)},
-                      classes, dataset)
+        split_labels = {"train": convert.labels(source.train), "test": convert.labels(source.test)}
+        check_classes({"training": split_labels["train"], "held-out": split_labels["test"]}, classes, dataset)
         print(f"writing the examples of class {','.join(map(str, classes))} of {dataset} to {copy_dir} "
               f"({reason}; a streamed source is filtered on disk, once)", flush=True)
         _remove_copy(copy_dir)
         convert.convert(dataset, copy_dir, shards, classes=classes, source=source,
-                        flags=("--normal-classes", "--workdir"), extra=origin, check_stop=check_stop)
+                        flags=("--normal-classes", "--workdir"), extra={"source_files_sha256": fingerprint},
+                        check_stop=check_stop, split_labels=split_labels)
     return data.load_source(f"tfrecord:{copy_dir}")
 
 
@@ -91,15 +92,15 @@ def _files_fingerprint(source: data.Source) -> str:
     return digest.hexdigest()
 
 
-def _why_not_reusable(copy_dir: str, dataset: str, origin: dict) -> str:
-    """'' when copy_dir holds a finished copy of `origin`; else what is missing or different."""
+def _why_not_reusable(copy_dir: str, dataset: str, classes: Sequence[int], fingerprint: str) -> str:
+    """'' when copy_dir holds a finished copy of `classes` of these source files; else what differs."""
     metadata_path = paths.join(copy_dir, METADATA_FILE)  # written last: absent in an unfinished copy
     if not paths.exists(metadata_path):
         return "no finished copy there yet"
     metadata = json.loads(paths.read_text(metadata_path))
-    if metadata.get("classes") != origin["classes"]:
+    if metadata.get("classes") != sorted(int(c) for c in classes):
         return f"the copy there holds class {','.join(map(str, metadata.get('classes') or []))}"
-    if metadata.get("source") != dataset or metadata.get("source_files_sha256") != origin["source_files_sha256"]:
+    if metadata.get("source") != dataset or metadata.get("source_files_sha256") != fingerprint:
         return "the copy there was made from other source files"
     return ""
 

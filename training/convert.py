@@ -34,13 +34,14 @@ READ_BATCH = 1024  # examples read from the source at a time
 def convert(dataset: str, output: str, shards: int = 8, data_dir: str | None = None,
             download: bool = False, classes: Sequence[int] = (), *, source: Source | None = None,
             flags: tuple[str, str] = ("--classes", "--output"), extra: dict | None = None,
-            check_stop: Callable[[], None] | None = None) -> dict:
+            check_stop: Callable[[], None] | None = None, split_labels: dict | None = None) -> dict:
     """Writes `dataset` as shards under `output` and returns the metadata it wrote.
 
     classes: keep only the examples with these labels, in both splits (what `train
     --normal-classes` does to an in-memory source, done once for a streamed one: see
-    anomaly.normal_source, which passes the `source` it loaded, the `flags` its refusals name,
-    `extra` metadata and a `check_stop` called between batches that raises to stop).
+    anomaly.normal_source, which passes the `source` it loaded with its `split_labels` already
+    read, the `flags` its refusals name, `extra` metadata and a `check_stop` called between
+    batches that raises to stop).
     """
     if shards < 1:
         raise ConfigError(f"--shards must be at least 1, got {shards}")
@@ -48,7 +49,9 @@ def convert(dataset: str, output: str, shards: int = 8, data_dir: str | None = N
     if paths.exists(paths.join(output, METADATA_FILE)):
         raise ConfigError(f"{output} already holds a converted dataset ({METADATA_FILE}); choose an empty folder")
     source = source or data.load_source(dataset, data_dir, download)
-    kept = _kept_counts(source, classes, dataset, flags[0]) if classes else {}
+    if classes:
+        split_labels = split_labels or {"train": labels(source.train), "test": labels(source.test)}
+    kept = _kept_counts(split_labels, classes, dataset, flags[0]) if classes else {}
     wanted = {"train": shards, "test": max(1, shards // 4)}
     splits = {name: _write_split(getattr(source, name), output, name, min(count, kept.get(name, count)), classes,
                                  check_stop)
@@ -64,15 +67,13 @@ def convert(dataset: str, output: str, shards: int = 8, data_dir: str | None = N
     return metadata
 
 
-def _kept_counts(source, classes: Sequence[int], dataset: str, flag: str) -> dict[str, int]:
-    """The examples of `classes` in each split, from the labels alone (one pass, before writing:
-    a split gets no more shards than examples); refused if a class has none in a split."""
+def _kept_counts(split_labels: dict[str, np.ndarray], classes: Sequence[int], dataset: str,
+                 flag: str) -> dict[str, int]:
+    """The examples of `classes` in each split, from the labels alone (read before writing: a
+    split gets no more shards than examples); refused if a class has none in a split."""
     kept = {}
-    for name, split in (("train", source.train), ("test", source.test)):
-        present, kept[name] = set(), 0
-        for _, y in _batches(split, labels_only=True):
-            present.update(np.unique(y).tolist())
-            kept[name] += int(np.isin(y, classes).sum())
+    for name, y in split_labels.items():
+        present, kept[name] = set(np.unique(y).tolist()), int(np.isin(y, classes).sum())
         missing = [c for c in classes if c not in present]
         if missing:
             raise ConfigError(f"{flag} {','.join(map(str, classes))}: {dataset} has no {name} examples of "
