@@ -13,7 +13,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
 import aekit_cli
-from training import codefile, compress, data, export, models, quantize, scoring
+from training import codefile, compress, data, endpoints, export, models, quantize, scoring
 from training.evaluate import psnr_db
 
 LATENT = 6
@@ -136,7 +136,7 @@ def test_signatures_take_and_give_uint8_codes_and_match_numpy_quantization(expor
 
 
 def test_export_records_the_training_ranges_fingerprint_and_warmup(exported):
-    metadata = export.read_compression_metadata(exported["version_dir"])
+    metadata = endpoints.read_compression_metadata(exported["version_dir"])
     ranges = exported["ranges"]
     assert metadata["fingerprint"] == quantize.fingerprint(exported["decoder"], ranges)
     assert metadata["low"] == ranges.low.tolist() and metadata["latent_dim"] == LATENT
@@ -144,7 +144,7 @@ def test_export_records_the_training_ranges_fingerprint_and_warmup(exported):
     warmup = tf.data.TFRecordDataset(f"{exported['version_dir']}/{export.WARMUP_FILE}")
     signatures = [prediction_log_pb2.PredictionLog.FromString(r.numpy()).predict_log.request.model_spec.signature_name
                   for r in warmup]
-    assert signatures.count("compress") == signatures.count("decompress") == export.WARMUP_RECORDS_PER_SIGNATURE
+    assert signatures.count("compress") == signatures.count("decompress") == endpoints.WARMUP_RECORDS_PER_SIGNATURE
 
 
 def _cli(capsys, *argv) -> tuple[int, str, str]:
@@ -243,7 +243,7 @@ def test_another_model_or_version_or_fingerprint_is_refused_in_one_line(exported
                 "--output", str(tmp_path / "ok.npz"))[0] == 0  # the version in the file is the default
 
     forged = tmp_path / "forged.aec"
-    header = codefile.Header("ae", 2, export.read_compression_metadata(exported["version_dir"])["fingerprint"],
+    header = codefile.Header("ae", 2, endpoints.read_compression_metadata(exported["version_dir"])["fingerprint"],
                              LATENT, (4, 4, 1), 1, False, "zlib")
     _write(forged, header, np.zeros((1, LATENT), np.uint8))
     assert "with decoder fingerprint" in _refused(capsys, str(base), forged)

@@ -14,7 +14,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
 from storage import paths
-from training import anomaly, data, export, jobs, scoring, train
+from training import anomaly, data, endpoints, export, jobs, scoring, train
 from training.config import ConfigError, TrainConfig
 
 
@@ -76,7 +76,7 @@ def test_warmup_file_has_records_for_every_signature(tmp_path, trained):
                for r in tf.data.TFRecordDataset(os.path.join(version_dir, export.WARMUP_FILE))]
     names = [r.predict_log.request.model_spec.signature_name for r in records]
     assert set(names) == {"encode", "decode", "denoise", "score", "serving_default", "compress", "decompress"}
-    assert len(records) == 7 * export.WARMUP_RECORDS_PER_SIGNATURE
+    assert len(records) == 7 * endpoints.WARMUP_RECORDS_PER_SIGNATURE
 
 
 def test_quantization_ranges_are_the_training_codes_min_and_max(tmp_path, trained):
@@ -84,7 +84,7 @@ def test_quantization_ranges_are_the_training_codes_min_and_max(tmp_path, traine
     cfg.model_base_path = str(tmp_path / "models")
     version_dir, _ = jobs.export_trained(state, cfg, arrays)
     codes = state.encoder(data.scale_to_unit(tf.constant(arrays.x_train)), training=False).numpy()
-    metadata = export.read_compression_metadata(version_dir)
+    metadata = endpoints.read_compression_metadata(version_dir)
     np.testing.assert_allclose(metadata["low"], codes.min(0), atol=1e-5)
     np.testing.assert_allclose(metadata["high"], np.maximum(codes.max(0), codes.min(0) + 1e-6), atol=1e-5)
     test_codes = state.encoder(data.scale_to_unit(tf.constant(arrays.x_test)), training=False).numpy()

@@ -24,7 +24,7 @@ from serving.core import DataPlane
 from serving.grpc_server import GrpcServer
 from serving.manager import ModelManager
 from serving.rest_server import RestApi, RestServer
-from training import data, export, models, probe, scoring
+from training import data, endpoints, export, models, probe, scoring
 from training.config import ConfigError
 from training.multiworker import free_ports
 
@@ -135,7 +135,7 @@ def test_classify_signatures_have_the_promised_dtypes_and_agree_with_sklearn(exp
     np.testing.assert_allclose(got["scores"].numpy(), want_scores, atol=1e-5)
     assert np.array_equal(got["classes"].numpy(), exported["probe"].classifier.predict(latent))
 
-    examples = tf.constant(export.image_examples(images))
+    examples = tf.constant(endpoints.image_examples(images))
     by_example = loaded.signatures["classify_examples"](inputs=examples)
     assert by_example["classes"].dtype == tf.string and by_example["classes"].shape == (len(images), CLASSES)
     assert by_example["classes"].numpy()[0].tolist() == [b"0", b"1", b"2"]
@@ -196,7 +196,7 @@ def test_client_classify_over_grpc_and_rest_and_tf_serving_classify(exported, se
         np.testing.assert_allclose(result["scores"], want_scores, atol=1e-5)
         client.close()
 
-    examples = [tf.train.Example.FromString(e) for e in export.image_examples(images[:2])]
+    examples = [tf.train.Example.FromString(e) for e in endpoints.image_examples(images[:2])]
     request = classification_pb2.ClassificationRequest(
         model_spec=model_pb2.ModelSpec(name="ae", signature_name="classify_examples"),
         input=input_pb2.Input(example_list=input_pb2.ExampleList(examples=examples)))

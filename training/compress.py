@@ -24,7 +24,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from storage import paths
-from training import codefile, data, export
+from training import codefile, data, endpoints
 from training.config import ConfigError
 from training.evaluate import EVAL_BATCH, load_for_source, psnr_db
 
@@ -140,10 +140,10 @@ def export_dir(model_base_path: str, version: int) -> str:
 
 
 def _compression_metadata(version_dir: str, version: int) -> dict:
-    metadata = export.read_compression_metadata(version_dir)
+    metadata = endpoints.read_compression_metadata(version_dir)
     if metadata is None:
         raise ConfigError(f"version {version} ({version_dir}) was exported before compression existed: it has no "
-                          f"{export.COMPRESSION_FILE}; export it again")
+                          f"{endpoints.COMPRESSION_FILE}; export it again")
     return metadata
 
 

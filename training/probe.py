@@ -11,7 +11,7 @@ baselines. The few-label setting keeps FEW_LABELS training examples per class, d
 seed of FEW_LABEL_SEEDS, and reports the mean accuracy over the draws.
 
 `fit_linear_probe` is also what `aekit export --probe` puts on top of the encoder as the
-`classify` signature (see training/export.py).
+`classify` signature (see training/endpoints.py).
 """
 
 from __future__ import annotations
