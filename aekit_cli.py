@@ -33,8 +33,9 @@ class UserError(Exception):
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     # default=None everywhere: only flags the user gave override --config and the config defaults.
     p.add_argument("--config", help="JSON config file (as written to WORKDIR/config.json)")
-    p.add_argument("--preset", help="compression: the measured settings for --latent-dim (default 32) as a "
-                                    "compression model (training/config.py COMPRESSION_SETTINGS); flags win")
+    p.add_argument("--preset", help="compression | recognition: the measured settings for --latent-dim "
+                                    "(default 32) for codes that compress or that a linear classifier reads "
+                                    "(training/config.py); flags win")
     p.add_argument("--dataset", help="mnist-sample | npz:PATH | DIR of images | PATH.npy | tfrecord:DIR_OR_GLOB "
                                      "| tfds:NAME (paths local, gs:// or ram://)")
     p.add_argument("--data-dir", help="tensorflow-datasets data_dir")
@@ -47,6 +48,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-schedule", help="constant | cosine (decay to 0 over the run)")
     p.add_argument("--augment-shift", type=int, metavar="PIXELS",
                    help="move each training image by up to this many whole pixels in x and y (default 0: off)")
+    p.add_argument("--shift-input-only", action="store_true", default=None,
+                   help="with --augment-shift: move the input only and rebuild the image where it was, so the "
+                        "code ignores small moves (better for classifiers, worse for compression)")
     p.add_argument("--quantization-noise", action="store_true", default=None,
                    help="train through uniform noise of one 8-bit step on the code (codes that survive a byte each)")
     p.add_argument("--latent-bound", help="conv code activation: none | sigmoid | tanh")

@@ -15,9 +15,10 @@ levels over the same ranges, packed two to a byte, so a point takes latent * bit
 PCA is fitted on the training pixels and quantized the same way. Codec bytes are each encoded
 file, container included (training/rate_distortion.py says how much that is). PSNR is over the
 whole held-out split on [0, 1] pixels, as training.evaluate.psnr_db. Recognition: the linear
-probe and 5-NN of training/probe.py on the float codes, on PCA at the code's size and on the raw
-pixels (all labels, and 10 per class); it costs minutes of CPU (LogisticRegressionCV), hence
---no-probe. "train cpu-s" is the process's CPU time for that point's training; "vs PCA" is
+probe and 5-NN of training/probe.py on the float codes, on PCA at the code's size, on the code of
+`aekit train --preset recognition` (32-d, trained once more for this table: the input moved by
+up to 4 pixels, the target not) and on the raw pixels (all labels, and 10 per class); it costs
+minutes of CPU (LogisticRegressionCV and the extra training), hence --no-probe. "train cpu-s" is the process's CPU time for that point's training; "vs PCA" is
 against the better of PCA 8-bit and 4-bit at the same bytes.
 
 Measured 2026-12-02 BEFORE the compression preset (TrainConfig defaults, 10 epochs, 2 shared
@@ -53,11 +54,12 @@ BITS = (8, 4)
 QUALITIES = {"png": (), "jpeg": (5, 10, 30, 50, 75, 90), "webp": (1, 10, 30, 50, 75, 90)}
 QUICK = {"latents": (16, 32), "epochs": 2, "qualities": {"png": (), "jpeg": (10, 50), "webp": (10, 50)}}
 DATASET = "mnist-sample"
+RECOGNITION_LATENT = 32  # the probe table adds `aekit train --preset recognition`'s code of this size
 
 
-def train_config(latent: int, epochs: int | None, workdir: str) -> TrainConfig:
-    """TrainConfig for one aekit point: the compression preset at `latent`, then --epochs."""
-    fields = {k: v for k, v in preset_settings("compression", latent).items() if k != "latent_dim"}
+def train_config(latent: int, epochs: int | None, workdir: str, preset: str = "compression") -> TrainConfig:
+    """TrainConfig for one aekit point: `preset` at `latent`, then --epochs."""
+    fields = {k: v for k, v in preset_settings(preset, latent).items() if k != "latent_dim"}
     if epochs is not None:
         fields["epochs"] = epochs
     return TrainConfig(**{**fields, "dataset": DATASET, "latent_dim": latent, "workdir": workdir, "export": False})
@@ -71,20 +73,27 @@ def batched(model, shape: tuple[int, ...], batch: int = 256):
     return call
 
 
-def aekit_points(latent: int, epochs: int | None, source: data.Source) -> tuple[list[dict], dict]:
-    """Trains one latent size; its quantized points at each of BITS, and its codes for the probe."""
+def trained(latent: int, epochs: int | None, source: data.Source, preset: str = "compression") -> dict:
+    """Trains `preset` at one latent size: its encoder, decoder, codes of both splits, CPU-s, history."""
     with tempfile.TemporaryDirectory() as workdir:
-        cfg = train_config(latent, epochs, workdir)
+        cfg = train_config(latent, epochs, workdir, preset)
         started = time.process_time()
         state, history = train.train_and_evaluate(cfg, source)
         cpu = time.process_time() - started
     encode = batched(state.encoder, source.input_shape)
-    decode = batched(state.decoder, (latent,))
-    train_f, test_f = probe.split_features(encode, source.train), probe.split_features(encode, source.test)
-    points = [{"method": f"aekit {bits}-bit", "latent": latent, "epochs": cfg.epochs, "train_cpu_s": round(cpu, 1),
-               "float_psnr_db": history[-1]["psnr_db"],
-               **rd.quantized_point(encode, decode, train_f.codes, test_f.pixels, bits)} for bits in BITS]
-    return points, {"train": train_f, "test": test_f}
+    return {"cfg": cfg, "history": history, "cpu_s": round(cpu, 1), "encode": encode,
+            "decode": batched(state.decoder, (latent,)),
+            "train": probe.split_features(encode, source.train), "test": probe.split_features(encode, source.test)}
+
+
+def aekit_points(latent: int, epochs: int | None, source: data.Source) -> tuple[list[dict], dict]:
+    """Trains one latent size; its quantized points at each of BITS, and its codes for the probe."""
+    run = trained(latent, epochs, source)
+    points = [{"method": f"aekit {bits}-bit", "latent": latent, "epochs": run["cfg"].epochs,
+               "train_cpu_s": run["cpu_s"], "float_psnr_db": run["history"][-1]["psnr_db"],
+               **rd.quantized_point(run["encode"], run["decode"], run["train"].codes, run["test"].pixels, bits)}
+              for bits in BITS]
+    return points, {"train": run["train"], "test": run["test"]}
 
 
 def pca_points(pca: rd.PCA, train_px: np.ndarray, test_px: np.ndarray, latents) -> list[dict]:
@@ -98,14 +107,18 @@ def pca_points(pca: rd.PCA, train_px: np.ndarray, test_px: np.ndarray, latents) 
 
 
 def recognition_rows(codes: dict[int, dict], pca: rd.PCA, pixels: tuple[np.ndarray, np.ndarray],
-                     labels: tuple[np.ndarray, np.ndarray]) -> list[dict]:
-    """Probe accuracies on each latent's codes and on PCA of that size, then on the raw pixels."""
+                     labels: tuple[np.ndarray, np.ndarray], recognition: dict | None = None) -> list[dict]:
+    """Probe accuracies on each latent's codes and on PCA of that size, then on the recognition
+    preset's code (when given) and on the raw pixels."""
     def row(name, dim, train_x, test_x):
         return {"input": name, "dim": dim, **probe.classifier_accuracies(train_x, labels[0], test_x, labels[1])}
     rows = []
     for latent, feats in codes.items():
         rows.append(row("aekit code", latent, feats["train"].codes, feats["test"].codes))
         rows.append(row("PCA", latent, pca.encode(pixels[0], latent), pca.encode(pixels[1], latent)))
+    if recognition is not None:
+        rows.append({**row("aekit recog.", RECOGNITION_LATENT, recognition["train"].codes, recognition["test"].codes),
+                     "train_cpu_s": recognition["cpu_s"]})
     rows.append(row("raw pixels", pixels[0].shape[1], *pixels))
     return rows
 
@@ -130,7 +143,9 @@ def run(output_dir: str = "bench-output", latents=LATENTS, epochs: int | None = 
               "settings_per_latent": {str(k): preset_settings("compression", k) for k in latents}}
     if with_probe:
         labels = first["train"].labels, first["test"].labels
-        report["recognition"] = recognition_rows(codes, pca, (train_px, test_px), labels)
+        recognition = trained(RECOGNITION_LATENT, epochs, source, "recognition")
+        report["settings_recognition"] = preset_settings("recognition", RECOGNITION_LATENT)
+        report["recognition"] = recognition_rows(codes, pca, (train_px, test_px), labels, recognition)
     report["cpu_s"] = round(time.process_time() - started, 1)
     out = Path(output_dir)
     report["figure"] = str(plots.plot_rate_distortion(

@@ -349,6 +349,22 @@ def test_random_shift_moves_each_image_by_whole_pixels_alike_on_any_split():
     np.testing.assert_array_equal(part, moved[100:110])
 
 
+def test_shift_input_only_moves_the_input_and_keeps_the_target_where_it_was():
+    rows = 64
+    stored = tf.constant(np.random.default_rng(1).integers(0, 256, (rows, 9, 9, 1)), tf.uint8)
+    keys = data.noise_keys(7, tf.constant(3), 0, rows)
+    moved_input, moved_target = data.add_noise(keys, stored, 0.0, 2)
+    input_only, target = data.add_noise(keys, stored, 0.0, 2, shift_input_only=True)
+    np.testing.assert_array_equal(input_only, moved_input)  # the same moves as when both are moved
+    np.testing.assert_array_equal(moved_target, moved_input)
+    np.testing.assert_array_equal(target, data.scale_to_unit(stored))  # the target is the image as stored
+    assert not np.array_equal(input_only, target)
+    noisy, noisy_target = data.add_noise(keys, stored, 0.3, 2, shift_input_only=True)
+    np.testing.assert_array_equal(noisy_target, target)  # noise goes on the moved input, never on the target
+    assert 0.0 <= float(tf.reduce_min(noisy)) and float(tf.reduce_max(noisy)) <= 1.0
+    np.testing.assert_array_equal(noisy, data.add_noise(keys, stored, 0.3, 2)[0])
+
+
 def test_augment_shift_is_refused_out_of_range_and_on_vectors(tmp_path):
     with pytest.raises(ConfigError, match="--augment-shift must be 0 to 8 pixels, got 9"):
         TrainConfig(augment_shift=9)

@@ -145,5 +145,18 @@ def test_the_compression_preset_is_the_measured_settings_under_the_flags_given()
     assert flagged.linear_skip == COMPRESSION_SETTINGS[32]["linear_skip"]
     assert TrainConfig().linear_skip == "none" and TrainConfig().loss == "bce"  # the defaults are untouched
     assert preset_settings("compression", 100) == {**COMPRESSION_SETTINGS[128], "model": "conv", "latent_dim": 100}
-    with pytest.raises(ConfigError, match="--preset must be one of compression; got 'fast'"):
+    with pytest.raises(ConfigError, match="--preset must be one of compression, recognition; got 'fast'"):
         preset_settings("fast", 32)
+
+
+def test_the_recognition_preset_moves_the_input_only_and_refuses_the_flag_without_a_shift(capsys):
+    import aekit_cli
+    from training.config import RECOGNITION_SETTINGS, TrainConfig
+    parse = aekit_cli.build_parser().parse_args
+    cfg = aekit_cli.train_config_from_args(parse(["train", "--preset", "recognition"]))
+    assert cfg.latent_dim == 32 and cfg.shift_input_only and cfg.augment_shift == RECOGNITION_SETTINGS[32]["augment_shift"]
+    assert {k: getattr(cfg, k) for k in RECOGNITION_SETTINGS[32]} == RECOGNITION_SETTINGS[32]
+    assert not TrainConfig().shift_input_only
+    assert aekit_cli.main(["train", "--shift-input-only", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--shift-input-only moves the inputs by --augment-shift" in err, err

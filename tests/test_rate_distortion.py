@@ -122,6 +122,8 @@ def test_the_benchmark_trains_each_latent_with_the_compression_preset_and_epochs
         assert (cfg.latent_dim, cfg.epochs, cfg.batch_size, cfg.loss, cfg.export) == (
             latent, preset["epochs"], preset["batch_size"], preset["loss"], False)
     assert bench.train_config(32, 2, str(tmp_path)).epochs == 2
+    recognition = bench.train_config(bench.RECOGNITION_LATENT, None, str(tmp_path), "recognition")
+    assert recognition.shift_input_only and recognition.augment_shift > 0 and recognition.latent_dim == 32
 
 
 def test_rate_distortion_figure_with_a_lossless_point(tmp_path):

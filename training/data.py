@@ -121,17 +121,22 @@ def noise_keys(seed: int, batch_index: tf.Tensor, first_row: int, rows: tf.Tenso
     return tf.concat([head, (tf.cast(first_row, tf.int64) + tf.range(rows))[:, None]], axis=1)
 
 
-def add_noise(keys: tf.Tensor, stored: tf.Tensor, noise_factor: float,
-              max_shift: int = 0) -> tuple[tf.Tensor, tf.Tensor]:
-    """(noisy, clean) float32 in [0, 1] from rows as stored and their `noise_keys`; with
-    max_shift, both are the image moved by random whole pixels (random_shift)."""
+def add_noise(keys: tf.Tensor, stored: tf.Tensor, noise_factor: float, max_shift: int = 0,
+              shift_input_only: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+    """(noisy input, target) float32 in [0, 1] from rows as stored and their `noise_keys`.
+
+    With max_shift, the input is the image moved by random whole pixels (random_shift), and so is
+    the target, unless shift_input_only: then the target is the image where it was, so the model
+    learns to put a moved digit back and its code learns to ignore small moves (what a linear
+    classifier on the code needs; benchmarks/bench_codes.py has the measurement).
+    """
     clean = scale_to_unit(stored)
-    if max_shift > 0:
-        clean = random_shift(clean, keys, max_shift)
+    moved = random_shift(clean, keys, max_shift) if max_shift > 0 else clean
+    target = clean if shift_input_only else moved
     if noise_factor <= 0:
-        return clean, clean
+        return moved, target
     noise = gaussian_noise(tf.shape(clean), keys[0, :2], first_row=keys[0, 2])
-    return tf.clip_by_value(clean + noise_factor * noise, 0.0, 1.0), clean
+    return tf.clip_by_value(moved + noise_factor * noise, 0.0, 1.0), target
 
 
 def random_shift(images: tf.Tensor, keys: tf.Tensor, max_shift: int) -> tf.Tensor:

@@ -211,7 +211,7 @@ def save_checkpoint(state: TrainState) -> None:
 
 
 def make_train_step(state: TrainState, loss_kind: str, global_batch: int, noise_factor: float = 0.0,
-                    max_shift: int = 0):
+                    max_shift: int = 0, shift_input_only: bool = False):
     """A tf.function running `num_steps` synchronous steps on every replica.
 
     It reads batches of data.make_dataset(..., noise_in_step=True) and draws their noise on the
@@ -222,7 +222,7 @@ def make_train_step(state: TrainState, loss_kind: str, global_batch: int, noise_
     scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
     def replica_step(batch):
-        noisy, clean = data.add_noise(*batch, noise_factor, max_shift)
+        noisy, clean = data.add_noise(*batch, noise_factor, max_shift, shift_input_only)
         with tf.GradientTape() as tape:
             reconstruction = autoencoder(noisy, training=True)
             loss = tf.nn.compute_average_loss(per_example_loss(clean, tf.cast(reconstruction, tf.float32), loss_kind),
@@ -343,7 +343,8 @@ def _train_epochs(cfg: TrainConfig, state: TrainState, source: data.Source, trai
         cfg.save(cfg.workdir)
     if cfg.augment_shift and len(source.input_shape) != 3:
         raise ConfigError(f"--augment-shift moves images; this data has shape {tuple(source.input_shape)}")
-    train_step = make_train_step(state, cfg.loss, cfg.batch_size, cfg.noise_factor, cfg.augment_shift)
+    train_step = make_train_step(state, cfg.loss, cfg.batch_size, cfg.noise_factor, cfg.augment_shift,
+                                 cfg.shift_input_only)
     # Records past the restored step came from a checkpoint that did not restore: they are redone.
     history = [h for h in _read_history(cfg.workdir) if h["step"] <= int(state.step.numpy())]
     logdir = paths.join(cfg.workdir, "tensorboard")
