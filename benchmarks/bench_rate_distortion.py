@@ -28,6 +28,19 @@ cores; 657 CPU-s in all; the preset's own rows are in benchmarks/bench_codes.py)
   WebP q1 114 B 25.09 dB, q10 143 B 28.67; JPEG q10 401 B 22.85; PNG 275 B lossless
   linear probe on codes 16/32/64/128: 0.890/0.912/0.914/0.918 (PCA 0.849/0.891/0.896/0.883,
   pixels 0.901); 10 labels per class 0.791/0.788/0.784/0.784 (PCA 0.687/0.710/0.620/0.518)
+
+Measured 2026-12-03 with the presets (`python -m benchmarks.bench_rate_distortion`, one run,
+nothing else running; 1,254 CPU-s in all, probes and the recognition training included):
+  aekit 8-bit  16 B 20.71 dB, 32 B 24.37, 64 B 26.75, 128 B 29.17 (train 143/176/183/323 CPU-s)
+  aekit 4-bit   8 B 19.69 dB, 16 B 22.76, 32 B 25.15,  64 B 27.62
+  PCA 8-bit 15.86 / 18.01 / 20.85 / 24.31; PCA 4-bit 15.78 / 17.86 / 20.53 / 23.59 at 8-64 B
+  -> "vs PCA" (the better PCA at the same bytes) +2.85 / +3.84 / +3.17 / +4.86 for 8-bit codes,
+     and at equal bytes the 4-bit code of the next larger model beats the 8-bit one
+     (32 B 25.15 against 24.37, 64 B 27.62 against 26.75)
+  WebP q1 114.5 B 25.09 dB, q10 143.1 B 28.67; JPEG q10 401.4 B 22.85; PNG 275 B (as before)
+  linear probe on codes 16/32/64/128: 0.921/0.916/0.917/0.911, 10 per class
+  0.846/0.804/0.768/0.740; `--preset recognition` 32-d: 0.964, 10 per class 0.895 (k-NN
+  0.959); PCA 32 0.891 / 0.710, raw pixels 0.901 / 0.719
 """
 
 from __future__ import annotations
