@@ -18,8 +18,9 @@ whole held-out split on [0, 1] pixels, as training.evaluate.psnr_db. Recognition
 probe and 5-NN of training/probe.py on the float codes, on PCA at the code's size, on the code of
 `aekit train --preset recognition` (32-d, trained once more for this table: the input moved by
 up to 4 pixels, the target not) and on the raw pixels (all labels, and 10 per class); it costs
-minutes of CPU (LogisticRegressionCV and the extra training), hence --no-probe. "train cpu-s" is the process's CPU time for that point's training; "vs PCA" is
-against the better of PCA 8-bit and 4-bit at the same bytes.
+minutes of CPU (LogisticRegressionCV and the extra training), hence --no-probe. "train cpu-s" is
+the process's CPU time for that point's training; "vs PCA" is against the better of PCA 8-bit
+and 4-bit at the same bytes.
 
 Measured 2026-12-02 BEFORE the compression preset (TrainConfig defaults, 10 epochs, 2 shared
 cores; 657 CPU-s in all; the preset's own rows are in benchmarks/bench_codes.py):
