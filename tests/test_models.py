@@ -1,5 +1,8 @@
 """Model shapes: encoder and decoder halves for dense and conv, and bad shapes' errors."""
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 
@@ -149,14 +152,19 @@ def test_the_compression_preset_is_the_measured_settings_under_the_flags_given()
         preset_settings("fast", 32)
 
 
-def test_the_recognition_preset_moves_the_input_only_and_refuses_the_flag_without_a_shift(capsys):
+def test_the_recognition_preset_moves_the_input_only_and_refuses_the_flag_without_a_shift(capsys, tmp_path):
     import aekit_cli
-    from training.config import RECOGNITION_SETTINGS, TrainConfig
+    from training.config import COMPRESSION_SETTINGS, RECOGNITION_SETTINGS, TrainConfig
     parse = aekit_cli.build_parser().parse_args
     cfg = aekit_cli.train_config_from_args(parse(["train", "--preset", "recognition"]))
     assert cfg.latent_dim == 32 and cfg.shift_input_only and cfg.augment_shift == RECOGNITION_SETTINGS[32]["augment_shift"]
     assert {k: getattr(cfg, k) for k in RECOGNITION_SETTINGS[32]} == RECOGNITION_SETTINGS[32]
     assert not TrainConfig().shift_input_only
+    # the compression preset over a recognition run's config file is the compression preset
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    over = aekit_cli.train_config_from_args(parse(["train", "--config", str(tmp_path / "config.json"),
+                                                   "--preset", "compression"]))
+    assert not over.shift_input_only and over.augment_shift == COMPRESSION_SETTINGS[32]["augment_shift"]
     assert aekit_cli.main(["train", "--shift-input-only", "--epochs", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--shift-input-only moves the inputs by --augment-shift" in err, err

@@ -32,7 +32,7 @@ def test_a_mixed_step_is_finite_keeps_float32_variables_and_exports_float32(tmp_
     assert np.isfinite(history[-1]["loss"]) and history[-1]["step"] == 1
     assert precision.is_mixed(state.encoder)
     assert {v.dtype for v in state.autoencoder.weights} == {"float32"}
-    # only the output sigmoid is float32; the conv that makes its logits computes in 16 bits
+    # the output sigmoid is float32; the conv that makes its logits computes in 16 bits
     layers = {layer.name: layer.compute_dtype for layer in state.decoder.layers}
     assert layers["reconstruction"] == "float32" and layers["reconstruction_logits"] == policy[len("mixed_"):]
     assert state.decoder.output.dtype == "float32"

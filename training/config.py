@@ -31,7 +31,7 @@ DEFAULT_LATENT_DIM = {"dense": 32, "conv": 128}
 # benchmark train with these; the defaults above stay what the demo's denoiser and anomaly use.
 # augment_shift 1: random 1-pixel moves cut the overfitting of 4,000 images (32 B: 23.02 -> 24.37 dB).
 _COMPRESSION_BASE = {"loss": "mse", "batch_size": 16, "learning_rate": 1e-3, "lr_schedule": "cosine",
-                     "refine_convs": 1, "linear_skip": "decoder", "augment_shift": 1}
+                     "refine_convs": 1, "linear_skip": "decoder", "augment_shift": 1, "shift_input_only": False}
 COMPRESSION_SETTINGS: dict[int, dict] = {latent: {**_COMPRESSION_BASE, "epochs": epochs}
                                          for latent, epochs in ((16, 30), (32, 40), (64, 30), (128, 50))}
 # Recognition (issue 18): codes for a linear classifier. The compression preset's training, but
@@ -123,7 +123,7 @@ class TrainConfig:
             raise ConfigError(f"--augment-shift must be 0 to 8 pixels, got {self.augment_shift}")
         if self.shift_input_only and not self.augment_shift:
             raise ConfigError("--shift-input-only moves the inputs by --augment-shift pixels; give --augment-shift N "
-                              "(1 to 8) with it")
+                              "(1 to 8) with it, or drop --shift-input-only (--preset recognition sets it)")
         if self.residual_blocks < 0:
             raise ConfigError(f"--residual-blocks must be 0 or more, got {self.residual_blocks}")
         self.profile_range  # noqa: B018 -- parses, so a bad --profile-steps fails before training

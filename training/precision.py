@@ -3,9 +3,9 @@
     aekit train --model conv --precision mixed_bfloat16
     # -> variables, checkpoints and the exported model stay float32; layers compute in bfloat16
 
-Mixed policies keep every variable in float32 and compute in 16 bits; the output sigmoid and the
-loss stay float32 (models.py pins the last layer; the layer that makes its logits computes in
-16 bits, as in the TensorFlow mixed precision guide). float16 needs loss scaling: gradients
+Mixed policies keep every variable in float32 and compute in 16 bits; the output sigmoid (and a
+--linear-skip path) and the loss stay float32 (models.py pins them; the conv that makes the
+logits computes in 16 bits, as in the TensorFlow mixed precision guide). float16 needs loss scaling: gradients
 of small losses underflow to zero in float16, so the loss is multiplied before the backward pass
 and the gradients divided after (keras.optimizers.LossScaleOptimizer). bfloat16 has float32's
 exponent range and needs none.
