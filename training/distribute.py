@@ -27,6 +27,15 @@ from training.config import ConfigError
 
 REPORT_EVERY_SECONDS = 5.0  # a waiting line this often while workers are missing
 CONNECT_SECONDS = 60.0  # TensorFlow's own connect, once every worker answered; SIGTERM waits for it
+# A silent peer must be found by the coordination heartbeat (at most 2x the timeout, see
+# configure_coordination), never by a collective's own timer: that timer completes the op while
+# its ring transfers are still in flight (tensorflow/core/common_runtime/base_collective_executor.cc,
+# BaseCollectiveExecutor::ExecuteAsync: StartAbort then done), and the cut-off worker then died
+# in SIGSEGV inside the aborted RingReduce (issue 19: 2 of 7 link-down runs under MALLOC_PERTURB_,
+# 0 of 12 with this backstop). The heartbeat's error instead aborts every collective through
+# StartAbort and lets each finish itself (context_distributed_manager.cc, EnableCollectiveOps).
+# The timer stays as a backstop for a peer that heartbeats but never joins a collective.
+COLLECTIVE_BACKSTOP = 3
 
 
 class RendezvousFailed(RuntimeError):
@@ -165,7 +174,7 @@ def _multi_worker_strategy(tf_config: dict, collective: str, timeout_seconds: fl
     if collective == "nccl" and not tf.config.list_physical_devices("GPU"):
         raise ConfigError("--collective nccl needs GPUs; use ring (or auto) on CPU")
     options = tf.distribute.experimental.CommunicationOptions(
-        implementation=implementation, timeout_seconds=timeout_seconds)  # a dead peer fails, not hangs
+        implementation=implementation, timeout_seconds=COLLECTIVE_BACKSTOP * timeout_seconds)
     wait_for_workers(tf_config, rendezvous_seconds)
     configure_coordination(tf_config, timeout_seconds, min(CONNECT_SECONDS, rendezvous_seconds))
     try:
@@ -184,8 +193,10 @@ def configure_coordination(tf_config: dict, silent_peer_seconds: float, connect_
     CollectiveAllReduceExtended._initialize_multi_worker), with a 10 s heartbeat timeout that
     fails a job 5-10 s into a partition whatever the collective timeout says. The agent sends a
     heartbeat every heartbeat_timeout / 2 and gives each that long to arrive
-    (coordination_service_agent.cc, StartSendingHeartbeats), so twice our setting lets a peer
-    be silent for silent_peer_seconds, as long as a collective waits.
+    (coordination_service_agent.cc, StartSendingHeartbeats), so with twice our setting a peer
+    silent for less than silent_peer_seconds is always ridden out and one silent for more than
+    twice that always fails the job (9 s into a link taken down, with 6 s); the collectives
+    wait longer still (COLLECTIVE_BACKSTOP).
     cluster_register_timeout bounds TensorFlow's own wait in Connect() (default one hour): every
     worker answered in wait_for_workers already, so only one that died since is waited for.
     """

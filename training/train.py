@@ -41,9 +41,9 @@ class WorkerLost(RuntimeError):
     """A collective failed because a peer died or became unreachable; rerun the job to resume."""
 
     exit_code = 1
-    # The cut-off worker sometimes died in SIGSEGV inside TensorFlow's coordination agent after
-    # a peer loss (issue 19), most likely during the teardown that follows our one line (the
-    # stack was not captured), so the CLI leaves through os._exit right after printing it.
+    # TensorFlow's threads may still be inside the aborted collectives or its connect call: the
+    # CLI leaves through os._exit right after the line rather than wait in their teardown. (The
+    # SIGSEGV of issue 19 came earlier, inside the aborted RingReduce: see distribute.COLLECTIVE_BACKSTOP.)
     abandon_process = True
 
 
