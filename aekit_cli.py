@@ -69,9 +69,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-logical-devices", type=int, help="split the CPU into N devices (MirroredStrategy)")
     p.add_argument("--collective", help="multi-worker all-reduce: auto | ring | nccl")
     p.add_argument("--collective-timeout-seconds", type=float,
-                   help="how long a silent peer (dead, stopped, or behind a broken link) is always tolerated; one "
-                        "silent for twice as long always fails the job in one line (TensorFlow's heartbeat is set "
-                        "from it; a live peer that never joins a collective fails it after 3x) (default 300)")
+                   help="how long a silent peer (a stopped process, a lost host) is always tolerated, and a link "
+                        "flap under half of it; silence for twice as long always fails the job in one line "
+                        "(TensorFlow's heartbeat is set from it; a live peer that never joins an all-reduce fails "
+                        "it after 3x) (default 300)")
     p.add_argument("--rendezvous-timeout-seconds", type=float,
                    help="how long a worker waits for the others to start; it says whom it waits for every 5 s "
                         "(default 900: pods may start minutes apart)")

@@ -161,8 +161,8 @@ POLICY_SKIPS = {
     ("CKV_K8S_15", "*"): "pinned tags are immutable here, so IfNotPresent starts the same image without a "
                          "registry round-trip per pod",
     ("CKV_K8S_21", "*"): "the namespace is chosen at apply time (kubectl -n, or namespace: in your overlay)",
-    ("CKV_K8S_8", "Job"): "a training worker serves nothing to probe; a hung one fails by "
-                          "--collective-timeout-seconds and the Job restarts it",
+    ("CKV_K8S_8", "Job"): "a training worker serves nothing to probe; a dead or cut-off one fails the job "
+                          "within 2x --collective-timeout-seconds and the Job restarts it",
     ("CKV_K8S_9", "Job"): "no traffic is routed to training pods",
     ("CKV_K8S_8", "TFJob"): "as for the Job: the operator restarts failed workers",
     ("CKV_K8S_9", "TFJob"): "as for the Job",

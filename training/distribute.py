@@ -31,11 +31,18 @@ CONNECT_SECONDS = 60.0  # TensorFlow's own connect, once every worker answered; 
 # configure_coordination), never by a collective's own timer: that timer completes the op while
 # its ring transfers are still in flight (tensorflow/core/common_runtime/base_collective_executor.cc,
 # BaseCollectiveExecutor::ExecuteAsync: StartAbort then done), and the cut-off worker then died
-# in SIGSEGV inside the aborted RingReduce (issue 19: 2 of 7 link-down runs under MALLOC_PERTURB_,
-# 0 of 12 with this backstop). The heartbeat's error instead aborts every collective through
+# in SIGSEGV inside the aborted RingReduce (issue 19: 4 of 13 link-down runs under MALLOC_PERTURB_,
+# 0 of 20 with this backstop). The heartbeat's error instead aborts every collective through
 # StartAbort and lets each finish itself (context_distributed_manager.cc, EnableCollectiveOps).
-# The timer stays as a backstop for a peer that heartbeats but never joins a collective.
-COLLECTIVE_BACKSTOP = 3
+# The timer stays as a backstop for a peer that heartbeats but never joins an all-reduce. (The
+# strategy's first broadcast of the initial weights takes no timeout at all:
+# collective_all_reduce_strategy.py, _get_variable_creator_initial_value.)
+BACKSTOP_MARGIN_SECONDS = 10.0  # the heartbeat reports up to ~2 s after its 2x (1 s sleep, 1 s checks)
+
+
+def collective_backstop_seconds(silent_peer_seconds: float) -> float:
+    """3x the setting, and always at least BACKSTOP_MARGIN_SECONDS after the heartbeat's 2x."""
+    return 2 * silent_peer_seconds + max(silent_peer_seconds, BACKSTOP_MARGIN_SECONDS)
 
 
 class RendezvousFailed(RuntimeError):
@@ -174,7 +181,7 @@ def _multi_worker_strategy(tf_config: dict, collective: str, timeout_seconds: fl
     if collective == "nccl" and not tf.config.list_physical_devices("GPU"):
         raise ConfigError("--collective nccl needs GPUs; use ring (or auto) on CPU")
     options = tf.distribute.experimental.CommunicationOptions(
-        implementation=implementation, timeout_seconds=COLLECTIVE_BACKSTOP * timeout_seconds)
+        implementation=implementation, timeout_seconds=collective_backstop_seconds(timeout_seconds))
     wait_for_workers(tf_config, rendezvous_seconds)
     configure_coordination(tf_config, timeout_seconds, min(CONNECT_SECONDS, rendezvous_seconds))
     try:
@@ -195,8 +202,10 @@ def configure_coordination(tf_config: dict, silent_peer_seconds: float, connect_
     heartbeat every heartbeat_timeout / 2 and gives each that long to arrive
     (coordination_service_agent.cc, StartSendingHeartbeats), so with twice our setting a peer
     silent for less than silent_peer_seconds is always ridden out and one silent for more than
-    twice that always fails the job (9 s into a link taken down, with 6 s); the collectives
-    wait longer still (COLLECTIVE_BACKSTOP).
+    twice that always fails the job (7-13 s after a link was taken down, with 6 s); the
+    all-reduces wait longer still (collective_backstop_seconds). A link flap counts longer than
+    it lasts: TCP's retransmission backoff may resend up to about the flap's length after the
+    link is back, so only flaps under half the setting are always ridden out.
     cluster_register_timeout bounds TensorFlow's own wait in Connect() (default one hour): every
     worker answered in wait_for_workers already, so only one that died since is waited for.
     """

@@ -43,7 +43,7 @@ class WorkerLost(RuntimeError):
     exit_code = 1
     # TensorFlow's threads may still be inside the aborted collectives or its connect call: the
     # CLI leaves through os._exit right after the line rather than wait in their teardown. (The
-    # SIGSEGV of issue 19 came earlier, inside the aborted RingReduce: see distribute.COLLECTIVE_BACKSTOP.)
+    # SIGSEGV of issue 19 came earlier, inside the aborted RingReduce: see distribute.collective_backstop_seconds.)
     abandon_process = True
 
 
