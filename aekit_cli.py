@@ -72,7 +72,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="how long a silent peer (a stopped process, a lost host) is always tolerated, and a link "
                         "flap under half of it; silence for twice as long always fails the job in one line "
                         "(TensorFlow's heartbeat is set from it; a live peer that never joins an all-reduce fails "
-                        "it after 3x) (default 300)")
+                        "it after 3x, at least 2x + 10 s) (default 300)")
     p.add_argument("--rendezvous-timeout-seconds", type=float,
                    help="how long a worker waits for the others to start; it says whom it waits for every 5 s "
                         "(default 900: pods may start minutes apart)")

@@ -224,6 +224,7 @@ def test_a_link_down_longer_than_the_timeout_fails_in_one_line_and_resumes_exact
         (line,) = worker.errors()
         assert "a peer worker failed or is unreachable" in line and "restart the job to resume" in line
         assert "Traceback" not in worker.output() and "Segmentation" not in worker.output()
+        assert "Collective has timed out" not in worker.output()  # the heartbeat found the peer, not the timer
     restarted = run_both(links_up, tmp_path, "again", *args, port=PORT + 1)
     if [w.finish() for w in restarted] != [0, 0]:
         pytest.fail(f"the restarted job failed:\n{_outputs(restarted)}")

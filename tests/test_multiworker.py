@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from training import multiworker
+from training import distribute, multiworker
 from training.config import ConfigError, TrainConfig
 
 pytestmark = pytest.mark.slow
@@ -177,6 +177,14 @@ def test_indexed_job_tf_config():
 def test_bad_cluster_settings(call, message):
     with pytest.raises(ConfigError, match=message):
         call()
+
+
+@pytest.mark.parametrize("seconds", [0.5, 1.0, 6.0, 30.0, 300.0])
+def test_the_heartbeat_finds_a_silent_peer_before_any_collective_gives_up(seconds):
+    # A collective's own timer firing first crashed the cut-off worker (issue 19); the heartbeat
+    # reports up to ~2 s after its timeout, so the timer must come later by more than that.
+    heartbeat = distribute.heartbeat_timeout_seconds(seconds)
+    assert seconds < heartbeat and distribute.collective_backstop_seconds(seconds) >= heartbeat + 10
 
 
 def test_a_worker_killed_by_a_signal_gives_the_shells_status_and_one_line(capsys):

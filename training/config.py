@@ -79,7 +79,7 @@ class TrainConfig:
     export: bool = True  # export a new version after training
     num_logical_devices: int = 0  # >1 splits the CPU into N devices to try MirroredStrategy here
     collective: str = "auto"  # multi-worker all-reduce: ring on CPU, nccl on GPUs
-    collective_timeout_seconds: float = 300.0  # how long a silent peer is tolerated (heartbeat 2x; all-reduces wait 3x)
+    collective_timeout_seconds: float = 300.0  # how long a silent peer is tolerated (heartbeat 2x; all-reduces wait ~3x)
     rendezvous_timeout_seconds: float = 900.0  # how long a worker waits for the others to start (pods minutes apart)
     checkpoint_every_steps: int = 100  # also saved at every epoch end and on SIGTERM
     precision: str = "float32"  # | mixed_bfloat16 (Ampere+ GPUs, TPUs, conv on AVX512_BF16 CPUs: README) | mixed_float16 (Volta/Turing)

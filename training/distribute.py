@@ -37,12 +37,17 @@ CONNECT_SECONDS = 60.0  # TensorFlow's own connect, once every worker answered; 
 # The timer stays as a backstop for a peer that heartbeats but never joins an all-reduce. (The
 # strategy's first broadcast of the initial weights takes no timeout at all:
 # collective_all_reduce_strategy.py, _get_variable_creator_initial_value.)
-BACKSTOP_MARGIN_SECONDS = 10.0  # the heartbeat reports up to ~2 s after its 2x (1 s sleep, 1 s checks)
+BACKSTOP_MARGIN_SECONDS = 10.0  # the heartbeat reports up to ~2 s after its timeout (1 s sleep, 1 s checks)
+
+
+def heartbeat_timeout_seconds(silent_peer_seconds: float) -> float:
+    """TensorFlow's heartbeat timeout for --collective-timeout-seconds (see configure_coordination)."""
+    return 2 * silent_peer_seconds
 
 
 def collective_backstop_seconds(silent_peer_seconds: float) -> float:
-    """3x the setting, and always at least BACKSTOP_MARGIN_SECONDS after the heartbeat's 2x."""
-    return 2 * silent_peer_seconds + max(silent_peer_seconds, BACKSTOP_MARGIN_SECONDS)
+    """3x the setting, and always at least BACKSTOP_MARGIN_SECONDS after the heartbeat's timeout."""
+    return heartbeat_timeout_seconds(silent_peer_seconds) + max(silent_peer_seconds, BACKSTOP_MARGIN_SECONDS)
 
 
 class RendezvousFailed(RuntimeError):
@@ -218,7 +223,7 @@ def configure_coordination(tf_config: dict, silent_peer_seconds: float, connect_
 
     context.context().configure_coordination_service(
         service_type="standalone", service_leader=multi_worker_util.coordination_leader(cluster),
-        coordinated_jobs=jobs, heartbeat_timeout_in_ms=int(2000 * silent_peer_seconds),
+        coordinated_jobs=jobs, heartbeat_timeout_in_ms=int(1000 * heartbeat_timeout_seconds(silent_peer_seconds)),
         cluster_register_timeout_in_ms=int(1000 * connect_seconds))
     # Without the barrier the leader waits for a task that never registers forever, whatever the
     # timeout says (seen with a peer killed right after it answered); the Python API has no argument.
